@@ -1,0 +1,100 @@
+r"""KLIP pretraining configs. Pick a variant after the colon; override any field on the line.
+
+  # build the embedded corpus once (prints the dataset name), then train:
+  python -m klip.data.prepare --dataset=synthetic --data_dir=data --num_chips=4000
+  python -m klip.train --config=configs/pretrain.py:tiny --workdir=workdirs/tiny
+
+  # smoke (< 1 min on 2 cores; what the tests run):
+  python -m klip.data.prepare --dataset=synthetic --data_dir=data --num_chips=160 --image_size=32
+  python -m klip.train --config=configs/pretrain.py:smoke --workdir=workdirs/smoke
+
+  # continue an existing run to step N:
+  python -m klip.train --config=configs/pretrain.py:tiny --workdir=workdirs/tiny \
+      --config.total_steps=N
+
+Variants: smoke, tiny (the demo), small (CPU runs of up to an hour), base (ViT-B/16 at 224 px
+with a BERT-base-sized text tower: BLIP-base scale), large (ViT-L/16).
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "tiny", "small", "base", "large")
+
+
+def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels=2):
+  width, depth, heads = vit
+  t_width, t_depth, t_heads = text
+  return ml_collections.ConfigDict(dict(
+      image_size=image_size, patch_size=patch, channels=channels,
+      vit=dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width),
+      text=dict(vocab_size=vocab, max_len=max_len, width=t_width, depth=t_depth, heads=t_heads,
+                mlp_dim=4 * t_width, pad_id=0),
+      embed_dim=embed_dim, temperature_init=0.07, dtype="float32", scan_layers=False,
+      remat_policy="none"))
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # Data: a dataset prepared by `python -m klip.data.prepare` ("builder/config" under data_dir).
+  c.data = dict(dataset="synthetic/n4000_s64_c2_seed0", data_dir="data", split="train",
+                num_workers=0, num_threads=2, db_min=-30.0, db_max=10.0, gain_db=1.0)
+  # Tokenizer: trained on the training split's captions unless `path` names one.
+  c.tokenizer = dict(path="", max_sentences=200_000)  # vocabulary: model.text.vocab_size
+
+  c.batch_size = 64       # global batch, across all processes and devices
+  c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
+  c.total_steps = 600
+  c.optim = dict(lr=1e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
+                 weight_decay=0.05, clip_norm=1.0)
+  c.loss = dict(contrast_weight=1.0)
+  c.max_nonfinite_updates = 0  # skipped non-finite updates tolerated before the run stops
+
+  # Sharding: mesh axis sizes (-1: all remaining devices) and logical-axis rules.
+  c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
+  c.sharding_rules = (
+      ("batch", ("slice", "data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+  )
+
+  c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
+  c.init = dict(checkpoint="")  # a workdir or step dir to initialise from (partial restore)
+  c.log_every = 10
+  c.debug = dict(exit_at_step=-1, nonfinite_at_step=-1)
+
+  if variant == "smoke":
+    c.data.dataset = "synthetic/n160_s32_c2_seed0"
+    c.model = _model(32, 8, (32, 2, 2), (32, 2, 2), vocab=400, max_len=64, embed_dim=32)
+    c.batch_size, c.total_steps = 8, 10
+    c.optim.warmup_steps = 2
+    c.checkpoint.every_steps = 5
+    c.log_every = 1
+  elif variant == "tiny":
+    c.model = _model(64, 8, (128, 4, 4), (128, 4, 4), vocab=2000, max_len=96, embed_dim=128)
+  elif variant == "small":
+    c.data.dataset = "synthetic/n40000_s64_c2_seed0"
+    c.model = _model(64, 8, (256, 6, 4), (256, 6, 4), vocab=4000, max_len=128)
+    c.batch_size, c.total_steps = 128, 6000
+    c.optim.update(lr=5e-4, warmup_steps=300)
+    c.checkpoint.every_steps = 500
+    c.log_every = 50
+  else:  # base / large: pod scale
+    vit = (768, 12, 12) if variant == "base" else (1024, 24, 16)
+    c.data.dataset = "synthetic/n1000000_s224_c2_seed0"
+    c.data.num_workers = 16
+    c.model = _model(224, 16, vit, (768, 12, 12), vocab=32000, max_len=160)
+    c.model.update(dtype="bfloat16", scan_layers=True, remat_policy="dots_saveable")
+    c.batch_size, c.total_steps = 2048, 200_000
+    c.optim.update(lr=3e-4, warmup_steps=5000)
+    c.checkpoint.every_steps = 2000
+    c.log_every = 100
+    c.mesh.update(data=-1, fsdp=8 if variant == "large" else 1)
+  c.lock()
+  return c

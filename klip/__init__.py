@@ -1,0 +1,1 @@
+"""KLIP: vision-language pretraining on SAR imagery."""

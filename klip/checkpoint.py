@@ -1,0 +1,80 @@
+"""Orbax checkpoints: train state + data position in one step directory, async, keep-N.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a process
+killed mid-save leaves nothing that `latest_step` would report. The state is saved as a pure
+dict of arrays and restored onto whatever shardings the caller asks for, so a run can resume on
+another mesh or device count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+def abstract_pure(state, shardings):
+  """ShapeDtypeStructs (with target shardings) in the pure-dict layout that is saved."""
+  pure_state = nnx.to_pure_dict(state)
+  pure_shardings = nnx.to_pure_dict(shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      pure_state, pure_shardings)
+
+
+class Checkpointer:
+  """A CheckpointManager over DIR/checkpoints with items 'state' and 'data'."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save),
+        item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+        data=ocp.args.JsonSave(data)), force=True)
+
+  def restore(self, step: int, state_template, shardings):
+    """Restores `step` into the structure of `state_template` with `shardings`."""
+    target = abstract_pure(state_template, shardings)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    state = jax.tree.map(lambda x: x, state_template)
+    nnx.replace_by_pure_dict(state, restored.state)
+    return state, restored.data
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def read_params(path: str) -> dict:
+  """The model parameters of a checkpoint as host arrays (pure dict), for initialisation.
+
+  `path` is a workdir (its latest step is used), a checkpoints directory or a step directory.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(os.path.join(path, "state")):
+    manager = ocp.CheckpointManager(path, item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint under {path}")
+    path = os.path.join(path, str(step))
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(path, "state"))
+  return state["model"]

@@ -1,0 +1,1 @@
+"""Data sources, structured text and records of the KLIP corpus."""

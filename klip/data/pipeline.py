@@ -1,0 +1,137 @@
+"""Grain input pipeline: records -> SAR preprocessing + tokens -> per-process batches.
+
+Determinism contract: position p of the (shuffled, repeated) example stream is fixed by the
+seed alone, and the global batch at step s is positions [s*B, (s+1)*B). Process k of P loads
+the k-th of P equal slices of it, so the set of example ids at step s does not depend on the
+process count, and the data position stored in a checkpoint is the number of examples seen.
+
+A record that fails to read or decode does not stop the run: it becomes an example with
+`valid == 0` (zeros elsewhere), which the losses ignore and the trainer counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grain
+import numpy as np
+from PIL import Image
+
+from klip.data import schema
+from klip.data import tokenizer as tokenizer_lib
+
+_LOGGED_ERRORS = 5
+
+
+class SafeSource:
+  """Random access to (record index, record or None); read/decode errors become None."""
+
+  def __init__(self, source, name: str):
+    self._source = source
+    self._name = name
+    self._errors = 0
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    try:
+      return index, self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      self._errors += 1
+      if self._errors <= _LOGGED_ERRORS:
+        logging.warning("%s: record %d cannot be read, skipped: %r", self._name, index, e)
+      return index, None
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess(grain.transforms.RandomMap):
+  """One record -> model inputs. Holds only plain values so it pickles to worker processes."""
+  tokenizer_path: str
+  image_size: int
+  channels: int
+  max_len: int
+  db_min: float
+  db_max: float
+  train: bool
+  gain_db: float = 0.0  # uniform calibration-gain jitter in dB (speckle-preserving)
+
+  def random_map(self, element, rng: np.random.Generator):
+    index, record = element
+    try:
+      if record is None:
+        raise ValueError("unreadable record")
+      return self._example(index, record, rng)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("record %d skipped: %r", index, e)
+      return self._invalid(index)
+
+  def _tokenizer(self) -> tokenizer_lib.Tokenizer:
+    tok = self.__dict__.get("_tok")
+    if tok is None:  # loaded lazily, once per worker process
+      tok = tokenizer_lib.Tokenizer(self.tokenizer_path)
+      object.__setattr__(self, "_tok", tok)
+    return tok
+
+  def _example(self, index: int, record, rng: np.random.Generator) -> dict:
+    db = schema.decode_image(record)
+    if db.shape[-1] > self.channels:
+      raise ValueError(f"record has {db.shape[-1]} channels, model takes {self.channels}")
+    db = self._fit(db, rng)
+    if self.train and self.gain_db:
+      db = db + rng.uniform(-self.gain_db, self.gain_db)
+    x = (np.clip(db, self.db_min, self.db_max) - self.db_min) / (self.db_max - self.db_min)
+    x = 2.0 * x - 1.0
+    image = np.zeros((self.image_size, self.image_size, self.channels), np.float32)
+    image[..., :x.shape[-1]] = x  # a single-polarisation chip leaves the second channel at 0
+    tokens, clause = self._tokenizer().encode_caption(schema.structured_text(record),
+                                                      self.max_len)
+    return {"image": image, "tokens": tokens, "clause": clause,
+            "valid": np.int32(1), "index": np.int32(index)}
+
+  def _fit(self, db: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Crops (random in training, centred otherwise) or resamples to image_size.
+
+    Cropping keeps speckle statistics intact; a chip smaller than the model input is
+    upsampled in the linear intensity domain, not in dB.
+    """
+    h, w, _ = db.shape
+    s = self.image_size
+    if h >= s and w >= s:
+      y = rng.integers(0, h - s + 1) if self.train else (h - s) // 2
+      x = rng.integers(0, w - s + 1) if self.train else (w - s) // 2
+      return db[y:y + s, x:x + s]
+    intensity = 10.0 ** (db / 10.0)
+    out = np.stack([np.asarray(Image.fromarray(intensity[..., c]).resize((s, s),
+                                                                          Image.BILINEAR))
+                    for c in range(db.shape[-1])], axis=-1)
+    return 10.0 * np.log10(np.maximum(out, 1e-10))
+
+  def _invalid(self, index: int) -> dict:
+    return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
+            "tokens": np.zeros((self.max_len,), np.int32),
+            "clause": np.full((self.max_len,), tokenizer_lib.TEMPLATE, np.int32),
+            "valid": np.int32(0), "index": np.int32(index)}
+
+
+def local_batches(source, preprocess: Preprocess, *, seed: int, global_batch: int,
+                  start_example: int, process_index: int = 0, process_count: int = 1,
+                  num_workers: int = 0, num_threads: int = 2, name: str = "data"):
+  """An iterator over this process's share of the global batches.
+
+  The first global batch is stream positions [start_example, start_example + global_batch):
+  a resumed run passes the number of examples it has consumed.
+  """
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} does not divide into {process_count} "
+                     "processes")
+  local = global_batch // process_count
+  ds = grain.MapDataset.source(SafeSource(source, name)).seed(seed).shuffle().repeat()
+  ds = ds.random_map(preprocess)  # seeded by stream position: same augmentation on resume
+  ds = ds[start_example:].batch(local, drop_remainder=True)
+  ds = ds[process_index::process_count]
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+  if num_workers:
+    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=num_workers))
+  return iter(it)

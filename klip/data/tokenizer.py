@@ -1,0 +1,108 @@
+"""SentencePiece tokenizer: one per run, trained on the pretraining corpus, kept in the workdir.
+
+Reserved ids: 0 pad, 1 unk, then the control tokens [ENC] (first token of every text: pooled
+for contrast), [DEC] (decoder start), [MASK], [SEP] (clause separator). Byte fallback is on, so
+no text is ever out of vocabulary.
+
+Captions are tokenized piece by piece (template text, value spans, separators), so the token
+positions of every value span are exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+from klip.data import text as text_lib
+
+PAD, UNK, ENC, DEC, MASK, SEP = 0, 1, 2, 3, 4, 5
+SPECIALS = ("[ENC]", "[DEC]", "[MASK]", "[SEP]")
+TEMPLATE = -1  # clause id of non-value tokens
+
+
+class Tokenizer:
+  """A loaded SentencePiece model plus the caption encoding with value-span positions."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      self._proto = f.read()
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    got = tuple(self._sp.id_to_piece(i) for i in (ENC, DEC, MASK, SEP))
+    if self._sp.pad_id() != PAD or self._sp.unk_id() != UNK or got != SPECIALS:
+      raise ValueError(f"{path}: not a KLIP tokenizer (pad={self._sp.pad_id()}, "
+                       f"unk={self._sp.unk_id()}, ids 2-5={got}, expected {SPECIALS})")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(self._proto).hexdigest()[:16]
+
+  def encode_pieces(self, text: str) -> list[int]:
+    return self._sp.encode(text) if text.strip() else []
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids if int(i) > SEP])
+
+  def encode_caption(self, st: text_lib.StructuredText, max_len: int):
+    """[ENC] + caption tokens (separator as [SEP]), padded/truncated to max_len.
+
+    Returns (ids int32 [max_len], clause int32 [max_len]) where clause[t] is the index of the
+    field whose value span token t belongs to, or TEMPLATE.
+    """
+    ids, clause = [ENC], [TEMPLATE]
+    for piece, index in st.segments():
+      parts = piece.split(text_lib.SEPARATOR) if index == TEMPLATE else [piece]
+      for j, part in enumerate(parts):
+        if j:
+          ids.append(SEP)
+          clause.append(TEMPLATE)
+        tokens = self.encode_pieces(part)
+        ids.extend(tokens)
+        clause.extend([index] * len(tokens))
+    ids, clause = ids[:max_len], clause[:max_len]
+    pad = max_len - len(ids)
+    return (np.asarray(ids + [PAD] * pad, np.int32),
+            np.asarray(clause + [TEMPLATE] * pad, np.int32))
+
+
+def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) -> Tokenizer:
+  """Trains a unigram SentencePiece model on `texts` and writes it to `path`."""
+  with tempfile.TemporaryDirectory() as tmp:
+    corpus = os.path.join(tmp, "corpus.txt")
+    n = 0
+    with open(corpus, "w") as f:
+      for t in texts:
+        f.write(t.replace(text_lib.SEPARATOR, "\n").replace("\n\n", "\n") + "\n")
+        n += 1
+    if not n:
+      raise ValueError("cannot train a tokenizer on an empty corpus")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        byte_fallback=True, character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=-1,
+        eos_id=-1, control_symbols=list(SPECIALS), hard_vocab_limit=False,
+        input_sentence_size=1_000_000, shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "wb") as f:
+      f.write(model.getvalue())
+    os.replace(tmp_path, path)
+  return Tokenizer(path)
+
+
+def install(src: str, dst: str) -> Tokenizer:
+  """Copies a user-supplied tokenizer into the workdir after validating it."""
+  Tokenizer(src)
+  shutil.copyfile(src, dst)
+  return Tokenizer(dst)

@@ -1,0 +1,57 @@
+r"""Builds a config's model and train state from shapes alone and prints what it would place.
+
+  python -m klip.describe --config=configs/pretrain.py:base --devices=8
+
+Nothing is allocated (`nnx.eval_shape`); with --devices=N the CPU pretends to have N devices so
+the mesh and per-device parameter bytes of a pod-sized config can be read on a laptop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
+                                          lock_config=True)
+_DEVICES = flags.DEFINE_integer("devices", 0, "Fake CPU devices (0: the real devices).")
+
+
+def describe(config) -> dict:
+  """Parameter counts per tower and the largest per-device share of the train state."""
+  from klip import sharding  # pylint: disable=g-import-not-at-top
+  from klip import train_state  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh)
+  _, abstract_state = train_state.abstract(config)
+  params = nnx.state(abstract_state["model"], nnx.Param)
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  towers = {name: count(params[name]) for name in params}
+  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
+  per_device = 0
+  for leaf, sh in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+    shard = sh.shard_shape(leaf.shape)
+    per_device += math.prod(shard) * leaf.dtype.itemsize
+  return {"parameters": count(params), "towers": towers, "mesh": dict(mesh.shape),
+          "state_bytes_per_device": per_device}
+
+
+def main(argv):
+  del argv
+  if _DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+    jax.config.update("jax_platforms", "cpu")
+  d = describe(_CONFIG.value)
+  print(f"config {_CONFIG.value.variant}: {d['parameters']:,} parameters "
+        f"({d['parameters'] / 1e6:.1f}M)")
+  for name, n in d["towers"].items():
+    print(f"  {name:12s} {n:>14,}")
+  print(f"mesh {d['mesh']}: train state (params + optimizer) "
+        f"{d['state_bytes_per_device'] / 2**30:.2f} GiB per device")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,99 @@
+"""What a person watching a run wants: JSON lines, TensorBoard, a progress line, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+  """Writes DIR/metrics.jsonl and TensorBoard events under DIR/tb (process 0 only)."""
+
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._total = total_steps
+    self._batch = batch_size
+    self._tb = SummaryWriter(os.path.join(workdir, "tb")) if enabled else None
+    self._last = None  # (step, time) of the last progress line
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows past `step`: a resumed run re-logs the steps after its checkpoint."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = [r for r in read(self.path) if r["step"] <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+
+  def progress(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+    """Prints a progress line; returns the throughput numbers it computed."""
+    now = time.time()
+    rates = {}
+    if self._last is not None and step > self._last[0]:
+      steps_per_s = (step - self._last[0]) / max(now - self._last[1], 1e-9)
+      rates = {"perf/steps_per_s": steps_per_s,
+               "perf/examples_per_s": steps_per_s * self._batch}
+      eta = (self._total - step) / steps_per_s
+      rate_text = (f" | {steps_per_s:.2f} steps/s {rates['perf/examples_per_s']:.0f} ex/s"
+                   f" | ETA {_duration(eta)}")
+    else:
+      rate_text = ""
+    self._last = (step, now)
+    if self.enabled:
+      losses = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                        if k == "loss" or k.endswith("/loss"))
+      print(f"step {step}/{self._total} | {losses}{rate_text}", flush=True)
+    return rates
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def read(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: str, out_path: str) -> str:
+  """A PNG of every loss in metrics.jsonl against step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = read(metrics_path)
+  keys = sorted({k for r in rows for k in r if k == "loss" or k.endswith("/loss")})
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for k in keys:
+    pts = [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
+    if pts:
+      ax.plot(*zip(*pts), label=k)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path

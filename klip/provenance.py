@@ -1,0 +1,73 @@
+"""DIR/config.json: the run's config and where it came from; refuses mismatched resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "array_record",
+             "tensorflow-datasets", "sentencepiece", "ml-collections", "numpy")
+
+
+class ProvenanceMismatch(RuntimeError):
+  pass
+
+
+def _git_commit() -> str:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def _versions() -> dict[str, str]:
+  out = {"python": sys.version.split()[0]}
+  for p in _PACKAGES:
+    try:
+      out[p] = metadata.version(p)
+    except metadata.PackageNotFoundError:
+      out[p] = "not installed"
+  return out
+
+
+def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerprint: str,
+           resumed_from: int | None) -> dict:
+  """Writes DIR/config.json, after checking an existing one against these fingerprints."""
+  path = os.path.join(workdir, "config.json")
+  previous = None
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+  if previous is not None and resumed_from is not None:
+    for key, now in (("dataset_fingerprint", dataset_fingerprint),
+                     ("tokenizer_fingerprint", tokenizer_fingerprint)):
+      if previous.get(key) not in (None, now):
+        raise ProvenanceMismatch(
+            f"{workdir} holds a run made with {key.split('_')[0]} fingerprint "
+            f"{previous[key]}, but this run's is {now} ({config.data.dataset} under "
+            f"{config.data.data_dir}). Resuming would mix data; use a new --workdir or the "
+            "original dataset.")
+  entry = {
+      "config": json.loads(config.to_json()),
+      "git_commit": _git_commit(),
+      "versions": _versions(),
+      "dataset_fingerprint": dataset_fingerprint,
+      "tokenizer_fingerprint": tokenizer_fingerprint,
+      "resumed_from_step": resumed_from,
+      "history": (previous or {}).get("history", []) + [
+          {"git_commit": _git_commit(), "resumed_from_step": resumed_from,
+           "total_steps": config.total_steps}],
+  }
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(entry, f, indent=1)
+  os.replace(tmp, path)
+  return entry

@@ -1,0 +1,42 @@
+"""The train state (model, optimizer, skipped-update counter), created already sharded."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klip import optim
+from klip import sharding
+from klip.model import two_tower
+
+
+class TrainState(nnx.Module):
+  """Everything a step updates. `nonfinite` counts updates skipped for non-finite values."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    self.model = two_tower.Model(config.model, rngs=rngs)
+    self.optimizer = optim.optimizer(self.model, config)
+    self.nonfinite = nnx.Variable(jnp.zeros((), jnp.int32))
+
+
+def abstract(config):
+  """(graphdef, abstract state) without allocating anything."""
+  with nnx.use_eager_sharding(False):
+    return nnx.split(nnx.eval_shape(lambda: TrainState(config, rngs=nnx.Rngs(config.seed))))
+
+
+def create(config, mesh, rules):
+  """Returns (graphdef, state, shardings) with the state initialised directly on its shards.
+
+  Call it outside a `jax.set_mesh` context: the shardings name the mesh explicitly.
+  """
+  graphdef, abstract_state = abstract(config)
+  shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+  def init():
+    with nnx.use_eager_sharding(False):
+      return nnx.split(TrainState(config, rngs=nnx.Rngs(config.seed)))[1]
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings

@@ -1,0 +1,56 @@
+"""Test setup: 8 fake CPU devices, a persistent compilation cache, shared session fixtures.
+
+The corpus, tokenizer and a `smoke` training run are built once per test session and shared.
+"""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("KLIP_TEST_CACHE", os.path.join(_ROOT, ".cache", "jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+SMOKE_CHIPS, SMOKE_SIZE = 160, 32
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The smoke corpus (synthetic, 160 chips of 32 px), built once."""
+  from klip.data import prepare  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path_factory.mktemp("data"))
+  prepare.prepare("synthetic", root, num_chips=SMOKE_CHIPS, image_size=SMOKE_SIZE, channels=2,
+                  seed=0, workers=2)
+  return root
+
+
+def smoke_config(data_dir, **overrides):
+  """The `smoke` config pointed at the session corpus, with dotted-key overrides."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  c = pretrain.get_config("smoke")
+  c.unlock()
+  c.data.data_dir = data_dir
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+@pytest.fixture(scope="session")
+def smoke_run(data_dir, tmp_path_factory):
+  """A finished `smoke` run (10 steps): (workdir, summary)."""
+  from klip import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("smoke_run"))
+  summary = train.train(smoke_config(data_dir), workdir)
+  return workdir, summary

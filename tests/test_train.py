@@ -1,0 +1,213 @@
+"""The trainer: sharding parity, the smoke run, resume, faults and provenance."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from conftest import smoke_config
+from klip import losses
+from klip import metrics_writer
+from klip import provenance
+from klip import sharding
+from klip import train
+from klip import train_state
+from klip.data import dataset as dataset_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _random_batch(config, n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  m = config.model
+  tokens = rng.integers(6, m.text.vocab_size, (n, m.text.max_len)).astype(np.int32)
+  tokens[:, 0] = 2
+  tokens[:, 40:] = 0  # padding
+  return {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
+              np.float32),
+          "tokens": tokens, "clause": np.full_like(tokens, -1),
+          "valid": np.ones((n,), np.int32), "index": np.arange(n, dtype=np.int32)}
+
+
+def _loss_and_grads(config, mesh_dims, devices):
+  mesh = sharding.make_mesh(dict(slice=1, **mesh_dims), devices)
+  rules = config.sharding_rules
+  graphdef, state, _ = train_state.create(config, mesh, rules)
+  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+    model = nnx.merge(graphdef, state).model
+    mgraph, params = nnx.split(model)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, rules, v.ndim))
+             for k, v in _random_batch(config).items()}
+
+    @jax.jit
+    def fn(p, b):
+      return jax.value_and_grad(
+          lambda p: losses.total(nnx.merge(mgraph, p), b, jax.random.key(0), config),
+          has_aux=True)(p)
+
+    (loss, _), grads = fn(params, batch)
+    kernel = params["image"]["encoder"]
+    return float(loss), jax.tree.map(np.asarray, grads), kernel
+
+
+def test_sharded_step_equals_unsharded(data_dir):
+  config = smoke_config(data_dir)
+  assert jax.device_count() == 8
+  loss1, g1, _ = _loss_and_grads(config, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  loss8, g8, kernel = _loss_and_grads(config, dict(data=2, fsdp=2, tensor=2), jax.devices())
+  # the (2,2,2) run really is sharded over fsdp and tensor
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(kernel)}
+  assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  flat8 = np.concatenate([x.ravel() for x in jax.tree.leaves(g8)])
+  flat1 = np.concatenate([x.ravel() for x in jax.tree.leaves(g1)])
+  assert np.linalg.norm(flat8 - flat1) <= 1e-5 * np.linalg.norm(flat1)
+  # Per tensor too, except those whose gradient is analytically zero (the key bias: softmax
+  # ignores a shift shared by all keys), where float32 noise of ~1e-8 is all there is.
+  floor = 1e-4 * np.linalg.norm(flat1)
+  for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    if np.linalg.norm(b) > floor:
+      assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), a.shape
+
+
+def test_smoke_run_writes_checkpoints_metrics_and_plot(smoke_run):
+  workdir, summary = smoke_run
+  rows = metrics_writer.read(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  assert all(np.isfinite(r["loss"]) and r["data/valid"] == 8 for r in rows)
+  assert rows[-1]["contrast/loss"] < rows[0]["contrast/loss"]  # it learns something
+  assert 10 in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()]
+  for name in ("config.json", "tokenizer.model", "loss.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tb"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    prov = json.load(f)
+  assert prov["config"]["variant"] == "smoke"
+  assert prov["versions"]["jax"] == jax.__version__
+  assert len(prov["dataset_fingerprint"]) == 16 and len(prov["tokenizer_fingerprint"]) == 16
+  assert summary["steps"] == 10 and summary["final"]["loss"] == rows[-1]["loss"]
+
+
+def _run_cli(workdir, data_dir, *overrides):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run(
+      [sys.executable, "-m", "klip.train", "--config=configs/pretrain.py:smoke",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *overrides],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_continues_an_existing_run(smoke_run, data_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(smoke_run[0], workdir)
+  out = _run_cli(workdir, data_dir, "--config.total_steps=12")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 10" in out.stdout
+  rows = metrics_writer.read(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  assert "12" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_config_typo_fails_at_parse_time_naming_the_key(tmp_path, data_dir):
+  out = _run_cli(str(tmp_path / "w"), data_dir, "--config.total_stepz=3")
+  assert out.returncode != 0
+  assert "total_stepz" in out.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_missing_data_dir_says_how_to_build_it(tmp_path):
+  config = smoke_config(str(tmp_path / "nothing_here"))
+  with pytest.raises(dataset_lib.DatasetMissingError,
+                     match=r"python -m klip.data.prepare --dataset=synthetic .*--num_chips=160"):
+    train.train(config, str(tmp_path / "w"))
+
+
+def test_resume_against_another_dataset_is_refused(smoke_run, data_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(smoke_run[0], workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    prov = json.load(f)
+  prov["dataset_fingerprint"] = "0123456789abcdef"
+  with open(path, "w") as f:
+    json.dump(prov, f)
+  with pytest.raises(provenance.ProvenanceMismatch, match="dataset fingerprint 0123456789abcdef"):
+    train.train(smoke_config(data_dir, total_steps=12), workdir)
+
+
+def test_nonfinite_loss_stops_naming_step_and_checkpoint(data_dir, tmp_path):
+  config = smoke_config(data_dir, **{"debug.nonfinite_at_step": 6})
+  with pytest.raises(train.NonFiniteError,
+                     match=r"at step 7: the update was skipped .* Last good checkpoint: step 5"):
+    train.train(config, str(tmp_path / "w"))
+
+
+def test_nonfinite_update_is_skipped_when_tolerated(data_dir, tmp_path):
+  config = smoke_config(data_dir, max_nonfinite_updates=1, total_steps=4,
+                        **{"debug.nonfinite_at_step": 2})
+  summary = train.train(config, str(tmp_path / "w"))
+  rows = metrics_writer.read(os.path.join(str(tmp_path / "w"), "metrics.jsonl"))
+  assert [r["nonfinite_updates"] for r in rows] == [0, 0, 1, 1]
+  assert summary["steps"] == 4 and np.isfinite(rows[-1]["param_norm"])
+  # the skipped step left the parameters untouched
+  assert rows[2]["param_norm"] == rows[1]["param_norm"]
+
+
+def _final_params(workdir):
+  from klip import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  return checkpoint_lib.read_params(workdir)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
+  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+  common = ["--config.total_steps=20", "--config.checkpoint.every_steps=5"]
+  out = _run_cli(straight, data_dir, *common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  out = _run_cli(broken, data_dir, *common, "--config.debug.exit_at_step=12")
+  assert out.returncode == -9, (out.returncode, out.stderr[-3000:])  # SIGKILL
+  out = _run_cli(broken, data_dir, *common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # the kill may land before the async save of step 10 is final: then step 5 is the latest
+  assert "resumed from step 10" in out.stdout or "resumed from step 5" in out.stdout
+  a, b = _final_params(straight), _final_params(broken)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)  # bitwise
+  ra = metrics_writer.read(os.path.join(straight, "metrics.jsonl"))
+  rb = metrics_writer.read(os.path.join(broken, "metrics.jsonl"))
+  assert [r["step"] for r in rb] == list(range(1, 21))
+  assert [r["data/index_digest"] for r in ra] == [r["data/index_digest"] for r in rb]
+  assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_another_mesh(smoke_run, data_dir):
+  from klip import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_run
+  config = smoke_config(data_dir)
+  rules = config.sharding_rules
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
+  restored = []
+  for dims, devices in ((dict(data=2, fsdp=2, tensor=2), jax.devices()),
+                        (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                        (dict(data=1, fsdp=2, tensor=2), jax.devices()[4:])):
+    mesh = sharding.make_mesh(dict(slice=1, **dims), devices)
+    _, state, shardings = train_state.create(config, mesh, rules)
+    state, data = ckpt.restore(10, state, shardings)
+    assert data == {"step": 10, "examples_seen": 80, "global_batch": 8, "seed": 0,
+                    "dataset": config.data.dataset}
+    leaf = jax.tree.leaves(state)[5]
+    assert set(leaf.sharding.mesh.devices.flat) <= set(devices)
+    restored.append(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
+  for other in restored[1:]:
+    for x, y in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(other)):
+      np.testing.assert_array_equal(x, y)
+  ckpt.close()
