@@ -8,35 +8,16 @@ the mesh and per-device parameter bytes of a pod-sized config can be read on a l
 
 from __future__ import annotations
 
-import math
-
 import jax
 from absl import app
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
+
+from klip import train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
                                           lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 0, "Fake CPU devices (0: the real devices).")
-
-
-def describe(config) -> dict:
-  """Parameter counts per tower and the largest per-device share of the train state."""
-  from klip import sharding  # pylint: disable=g-import-not-at-top
-  from klip import train_state  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(config.mesh)
-  _, abstract_state = train_state.abstract(config)
-  params = nnx.state(abstract_state["model"], nnx.Param)
-  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-  towers = {name: count(params[name]) for name in params}
-  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
-  per_device = 0
-  for leaf, sh in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
-    shard = sh.shard_shape(leaf.shape)
-    per_device += math.prod(shard) * leaf.dtype.itemsize
-  return {"parameters": count(params), "towers": towers, "mesh": dict(mesh.shape),
-          "state_bytes_per_device": per_device}
 
 
 def main(argv):
@@ -44,7 +25,7 @@ def main(argv):
   if _DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     jax.config.update("jax_platforms", "cpu")
-  d = describe(_CONFIG.value)
+  d = train_state.describe(_CONFIG.value)
   print(f"config {_CONFIG.value.variant}: {d['parameters']:,} parameters "
         f"({d['parameters'] / 1e6:.1f}M)")
   for name, n in d["towers"].items():

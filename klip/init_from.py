@@ -18,11 +18,16 @@ _POSEMB = ("image", "posemb")
 
 
 def _flat(tree, prefix=()):
+  """(path, leaf) pairs; path parts are strings (a restored checkpoint has "0" for 0)."""
   for k, v in tree.items():
     if isinstance(v, dict):
-      yield from _flat(v, prefix + (k,))
+      yield from _flat(v, prefix + (str(k),))
     else:
-      yield prefix + (k,), v
+      yield prefix + (str(k),), v
+
+
+def _key(node, part: str):
+  return part if part in node else int(part)
 
 
 def load(state, shardings, path: str, model_config):
@@ -34,15 +39,16 @@ def load(state, shardings, path: str, model_config):
   for key, current in _flat(model):
     node = model
     for k in key[:-1]:
-      node = node[k]
+      node = node[_key(node, k)]
     source = loaded.get(key)
     if source is not None and source.shape == current.shape:
-      node[key[-1]] = np.asarray(source, current.dtype)
+      node[_key(node, key[-1])] = np.asarray(source, current.dtype)
       copied += 1
     elif source is not None and key == _POSEMB:
       old = int(round(source.shape[0] ** 0.5))
       new = vit.patch_grid(model_config)
-      node[key[-1]] = np.asarray(vit.interpolate_posemb(source, old, new), current.dtype)
+      node[_key(node, key[-1])] = np.asarray(vit.interpolate_posemb(source, old, new),
+                                             current.dtype)
       resized.append(f"{'/'.join(key)} {source.shape} -> {current.shape}")
     else:
       kept.append("/".join(key) + ("" if source is None else f" (shape {source.shape} != "

@@ -258,9 +258,12 @@ def train(config, workdir: str) -> dict:
              "checkpoints": ckpt.directory, "final": last_metrics}
   if timed is not None and step > timed[0]:
     summary["examples_per_s"] = (step - timed[0]) * config.batch_size / (time.time() - timed[1])
+  if not last_metrics and os.path.exists(writer.path):  # nothing left to run: report the last
+    summary["final"] = metrics_writer.read(writer.path)[-1]
   if is_main and os.path.exists(writer.path):
     summary["loss_plot"] = metrics_writer.plot_losses(writer.path,
-                                                      os.path.join(workdir, "loss.png"))
+                                                      os.path.join(summary["workdir"],
+                                                                   "loss.png"))
     _print_summary(summary)
   return summary
 
@@ -290,7 +293,7 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
   train(_CONFIG.value, _WORKDIR.value)
 
 

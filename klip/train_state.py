@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,3 +42,19 @@ def create(config, mesh, rules):
 
   state = jax.jit(init, out_shardings=shardings)()
   return graphdef, state, shardings
+
+
+def describe(config) -> dict:
+  """Parameter counts per tower and the bytes of the train state held by each device."""
+  mesh = sharding.make_mesh(config.mesh)
+  _, abstract_state = abstract(config)
+  params = nnx.state(abstract_state["model"], nnx.Param)
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  towers = {name: count(params[name]) for name in params}
+  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
+  per_device = 0
+  for leaf, sh in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(shardings)):
+    shard = sh.shard_shape(leaf.shape)
+    per_device += math.prod(shard) * leaf.dtype.itemsize
+  return {"parameters": count(params), "towers": towers, "mesh": dict(mesh.shape),
+          "state_bytes_per_device": per_device}

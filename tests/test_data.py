@@ -175,3 +175,16 @@ def test_corrupt_records_are_skipped_and_counted_not_fatal(data_dir, tok):
   assert invalid == [3, 5]
   assert np.all(batch["image"][batch["valid"] == 0] == 0)
   assert batch["valid"].sum() == len(src) - 2
+
+
+def test_worker_processes_deliver_the_same_batches(data_dir, tok):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+  src = dataset_lib.source(data_dir, NAME, "train")
+  base = _batches(data_dir, tok, n=3)
+  it = pipeline.local_batches(src, _preprocess(tok), seed=0, global_batch=8, start_example=0,
+                              num_workers=2, num_threads=0)
+  for expected in base:
+    got = next(it)
+    for k in expected:
+      np.testing.assert_array_equal(got[k], expected[k])

@@ -211,3 +211,59 @@ def test_checkpoint_restores_onto_another_mesh(smoke_run, data_dir):
     for x, y in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(other)):
       np.testing.assert_array_equal(x, y)
   ckpt.close()
+
+
+def test_init_from_another_run_copies_and_resizes(smoke_run, data_dir, tmp_path, capsys):
+  from klip import init_from  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_run
+  # a 64 px model: the 4x4 position-embedding grid becomes 8x8, everything else is copied
+  config = smoke_config(data_dir, **{"model.image_size": 64})
+  mesh = sharding.make_mesh(config.mesh)
+  _, state, shardings = train_state.create(config, mesh, config.sharding_rules)
+  fresh_posemb = np.asarray(state["model"]["image"]["posemb"][...])
+  state = init_from.load(state, shardings, workdir, config.model)
+  out = capsys.readouterr().out
+  assert "resized ['image/posemb (16, 32) -> (64, 32)']" in out and "0 left at init" in out
+  source = _final_params(workdir)
+  np.testing.assert_array_equal(np.asarray(state["model"]["text"]["embed"]["embedding"][...]),
+                                source["text"]["embed"]["embedding"])
+  posemb = np.asarray(state["model"]["image"]["posemb"][...])
+  assert posemb.shape == (64, 32) and not np.allclose(posemb, fresh_posemb)
+  np.testing.assert_allclose(posemb.mean(0), source["image"]["posemb"].mean(0), atol=0.02)
+
+
+def test_grad_accumulation_and_bfloat16_train(data_dir, tmp_path):
+  config = smoke_config(data_dir, grad_accum_steps=2, total_steps=3, batch_size=16,
+                        **{"model.dtype": "bfloat16", "model.scan_layers": True,
+                           "model.remat_policy": "dots_saveable"})
+  summary = train.train(config, str(tmp_path / "w"))
+  assert summary["steps"] == 3 and np.isfinite(summary["final"]["loss"])
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "klip.train", "--config=configs/pretrain.py:smoke",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+       "--config.total_steps=100000", "--config.checkpoint.every_steps=100000"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "SIGTERM: saving step" in stdout
+  step = int(stdout.split("SIGTERM: saving step ")[1].split()[0])
+  assert str(step) in os.listdir(workdir / "checkpoints")
+
+
+def test_describe_base_on_8_devices(data_dir):
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  d = train_state.describe(pretrain.get_config("base"))
+  vit_b16 = 86e6
+  text = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 32000 * 768
+  assert abs(d["parameters"] - (vit_b16 + text)) / (vit_b16 + text) < 0.1
+  assert d["mesh"]["data"] == 8

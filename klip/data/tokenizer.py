@@ -76,7 +76,7 @@ class Tokenizer:
 
 
 def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) -> Tokenizer:
-  """Trains a unigram SentencePiece model on `texts` and writes it to `path`."""
+  """Trains a BPE SentencePiece model on `texts` and writes it to `path`."""
   with tempfile.TemporaryDirectory() as tmp:
     corpus = os.path.join(tmp, "corpus.txt")
     n = 0
@@ -89,7 +89,7 @@ def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) ->
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        input=corpus, model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        input=corpus, model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=-1,
         eos_id=-1, control_symbols=list(SPECIALS), hard_vocab_limit=False,
         input_sentence_size=1_000_000, shuffle_input_sentence=True,
