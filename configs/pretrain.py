@@ -48,7 +48,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   c.batch_size = 64       # global batch, across all processes and devices
   c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
-  c.total_steps = 500
+  c.total_steps = 400
   c.optim = dict(lr=1e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
                  weight_decay=0.05, clip_norm=1.0)
   c.loss = dict(contrast_weight=1.0)
@@ -77,7 +77,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 5
     c.log_every = 1
   elif variant == "tiny":
-    c.model = _model(64, 8, (128, 4, 4), (128, 4, 4), vocab=2000, max_len=128, embed_dim=128)
+    c.model = _model(64, 8, (128, 4, 4), (128, 4, 4), vocab=2000, max_len=160, embed_dim=128)
   elif variant == "small":
     c.data.dataset = "synthetic/n40000_s64_c2_seed0"
     c.model = _model(64, 8, (256, 6, 4), (256, 6, 4), vocab=4000, max_len=160)

@@ -26,8 +26,8 @@ def data_dir(tmp_path_factory):
   """The smoke corpus (synthetic, 160 chips of 32 px), built once."""
   from klip.data import prepare  # pylint: disable=g-import-not-at-top
   root = str(tmp_path_factory.mktemp("data"))
-  prepare.prepare("synthetic", root, num_chips=SMOKE_CHIPS, image_size=SMOKE_SIZE, channels=2,
-                  seed=0, workers=2)
+  prepare.prepare("synthetic", root, generator=prepare.make_generator("rules", root),
+                  num_chips=SMOKE_CHIPS, image_size=SMOKE_SIZE, channels=2, seed=0, workers=2)
   return root
 
 

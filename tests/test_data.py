@@ -12,9 +12,9 @@ from klip.data import pipeline
 from klip.data import schema
 from klip.data import simulator
 from klip.data import splits
-from klip.data import template_writer
 from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
+from klip.hcot import generator
 
 NAME = "synthetic/n160_s32_c2_seed0"
 
@@ -64,7 +64,7 @@ def test_record_roundtrip_matches_the_simulated_chip(data_dir):
   assert np.abs(db - expected).max() <= schema.DB_SCALE / 2 + 1e-4
   np.testing.assert_array_equal(schema.decode_landcover(r), chip.landcover)
   st = schema.structured_text(r)
-  assert st == template_writer.caption(chip)
+  assert st == generator.Generator(generator.make_backend("rules")).generate(chip).text
   for value, (a, b) in zip(st.values, st.spans):
     assert st.caption[a:b] == value
   assert len(r["instance_boxes"]) == len(chip.instances) == len(r["instance_categories"])

@@ -50,12 +50,35 @@ class Imaging:
   orbit_direction: str   # "ascending" or "descending"
 
 
-@dataclasses.dataclass(frozen=True)
+def _same(a, b) -> bool:
+  return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Instance:
   """One annotated object: category and axis-aligned box in pixels (x0, y0, x1, y1), x1/y1
-  exclusive, in the chip's pixel grid."""
+  exclusive, in the chip's pixel grid; what else is known about it (NaN / "" when unknown).
+
+  subtype: a finer class from the source (an AIS ship type "Cargo", an MSTAR class "T72").
+  length_m, width_m: real size (e.g. from AIS); heading_deg: 0 = north, clockwise;
+  speed_kn: speed over ground in knots.
+  """
   category: str
   box: tuple[float, float, float, float]
+  subtype: str = ""
+  length_m: float = float("nan")
+  width_m: float = float("nan")
+  heading_deg: float = float("nan")
+  speed_kn: float = float("nan")
+
+  def __eq__(self, other) -> bool:  # NaN ("unknown") equals NaN here
+    if not isinstance(other, Instance):
+      return NotImplemented
+    return all(_same(getattr(self, f.name), getattr(other, f.name))
+               for f in dataclasses.fields(self))
+
+  def __hash__(self) -> int:
+    return hash((self.category, self.box, self.subtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,24 @@
 """Builds a dataset in the KLIP record schema (TFDS, ArrayRecord) and writes its build report.
 
     python -m klip.data.prepare --dataset=synthetic --data_dir=data --num_chips=4000
+    python -m klip.data.prepare --dataset=opensarship --source=../shared/data/opensarship \
+        --data_dir=data
+    python -m klip.data.prepare --dataset=mstar --source=../shared/data/mstar/train --data_dir=data
+    python -m klip.data.prepare --dataset=manifest --source=my_archive/manifest.jsonl \
+        --data_dir=data
+    # texts from an OpenAI-compatible server instead of the offline rules:
+    python -m klip.data.prepare --dataset=mstar --source=... --backend=llm \
+        --llm_url=http://localhost:8000/v1 --llm_model=MODEL
 
 The dataset lands in DATA_DIR/NAME/CONFIG/VERSION; the last line printed is the value to give
-training as `--config.data.dataset`. Building is idempotent: an existing dataset is reused.
+training as `--config.data.dataset`. Building is idempotent: an existing dataset is reused
+(delete its directory to rebuild). Texts come from the HCoT generator (`klip.hcot`).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 
 from absl import app
@@ -16,37 +26,72 @@ from absl import flags
 
 from klip.data import report as report_lib
 
-_DATASET = flags.DEFINE_string("dataset", "synthetic", "Builder module in klip.data.builders.")
+_DATASET = flags.DEFINE_string("dataset", "synthetic",
+                               "Builder module in klip.data.builders: synthetic, opensarship, "
+                               "mstar, manifest.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data", "Root directory of prepared datasets.")
+_SOURCE = flags.DEFINE_string("source", None, "Real archives: the source folder (opensarship, "
+                              "mstar) or manifest JSONL file (manifest).")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).")
 _NUM_CHIPS = flags.DEFINE_integer("num_chips", 1000, "synthetic: number of chips (all splits).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "synthetic: chip size in pixels.")
 _CHANNELS = flags.DEFINE_integer("channels", 2, "synthetic: polarisation channels (1 or 2).")
 _SEED = flags.DEFINE_integer("seed", 0, "synthetic: simulator seed.")
-_WORKERS = flags.DEFINE_integer("workers", 0, "Generator processes (0: all cores).")
+_BACKEND = flags.DEFINE_enum("backend", "rules", ["rules", "llm"], "HCoT text backend.")
+_LLM_URL = flags.DEFINE_string("llm_url", "http://localhost:8000/v1",
+                               "llm: base URL of an OpenAI-compatible server.")
+_LLM_MODEL = flags.DEFINE_string("llm_model", None, "llm: model name served there.")
+_LLM_CACHE = flags.DEFINE_string("llm_cache", None,
+                                 "llm: answer cache (default DATA_DIR/.hcot_cache); a rerun "
+                                 "resumes from it.")
+_LLM_KEY_ENV = flags.DEFINE_string("llm_api_key_env", "KLIP_LLM_API_KEY",
+                                   "llm: environment variable holding the API key, if any.")
+_LLM_RATE = flags.DEFINE_float("llm_requests_per_s", 5.0, "llm: request rate limit.")
 
 
-def prepare(dataset: str, data_dir: str, **options):
+def make_generator(backend: str, data_dir: str, **llm_options):
+  """The HCoT generator for `backend` ("rules", or "llm" with its server options)."""
+  from klip.hcot import generator  # pylint: disable=g-import-not-at-top
+  options = {}
+  if backend == "llm":
+    if not llm_options.get("model"):
+      raise app.UsageError("--backend=llm needs --llm_model (the model the server serves)")
+    options = dict(llm_options)
+    options["cache_dir"] = options.get("cache_dir") or os.path.join(data_dir, ".hcot_cache")
+  return generator.Generator(generator.make_backend(backend, **options))
+
+
+def prepare(dataset: str, data_dir: str, *, generator, **options):
   """Builds (or reuses) a dataset; returns (builder, report)."""
   try:
     module = importlib.import_module(f"klip.data.builders.{dataset}")
   except ModuleNotFoundError as e:
     raise ValueError(f"unknown dataset {dataset!r}: no module klip.data.builders.{dataset}") from e
-  builder = module.builder(data_dir, **options)
+  builder = module.builder(data_dir, generator=generator, **options)
   start = time.time()
   builder.download_and_prepare()
-  report = report_lib.build_report(builder, time.time() - start)
+  skipped = [(s.path, s.reason) for s in getattr(builder, "skipped", ())]
+  report = report_lib.build_report(builder, time.time() - start, skipped=skipped)
   report_lib.write(report)
   return builder, report
 
 
 def main(argv):
   del argv
-  options = {}
+  gen = make_generator(_BACKEND.value, _DATA_DIR.value, base_url=_LLM_URL.value,
+                       model=_LLM_MODEL.value, cache_dir=_LLM_CACHE.value,
+                       api_key_env=_LLM_KEY_ENV.value, max_requests_per_s=_LLM_RATE.value)
   if _DATASET.value == "synthetic":
     options = dict(num_chips=_NUM_CHIPS.value, image_size=_IMAGE_SIZE.value,
                    channels=_CHANNELS.value, seed=_SEED.value, workers=_WORKERS.value)
-  builder, report = prepare(_DATASET.value, _DATA_DIR.value, **options)
+  else:
+    if not _SOURCE.value:
+      raise app.UsageError(f"--dataset={_DATASET.value} needs --source (the archive folder "
+                           "or manifest file)")
+    options = dict(source=_SOURCE.value, workers=_WORKERS.value)
+  builder, report = prepare(_DATASET.value, _DATA_DIR.value, generator=gen, **options)
   print(report_lib.to_markdown(report))
+  print(f"report: {os.path.join(report['path'], 'build_report.md')}")
   print(f"dataset: {builder.name}/{builder.builder_config.name}")
 
 

@@ -54,9 +54,16 @@ FEATURES = tfds.features.FeaturesDict({
     "field_values": tfds.features.Sequence(_text()),
     "caption": _text(),
     "value_spans": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+    # how the text generator judged its own fields
+    "text_uncertain": tfds.features.Sequence(_text()),  # fields marked uncertain
+    "text_generic": tfds.features.Sequence(_text()),    # fields left generic: metadata is silent
+    "text_repairs": tfds.features.Sequence(_text()),    # contradictions repaired, and how
     # optional ground truth
     "instance_categories": tfds.features.Sequence(_text()),
     "instance_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),  # x0,y0,x1,y1 px
+    "instance_subtypes": tfds.features.Sequence(_text()),  # finer class from the source, or ""
+    # length_m, width_m, heading_deg, speed_kn per instance; NaN when unknown
+    "instance_attributes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
     "landcover": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG uint8 class ids or b""
     "count": tfds.features.Scalar(dtype=np.int32),
 })
@@ -97,9 +104,14 @@ def decode_landcover(record) -> np.ndarray | None:
     return np.asarray(im)
 
 
+def text_of(value) -> str:
+  """A text feature as str (TFDS returns bytes)."""
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def structured_text(record) -> text_lib.StructuredText:
-  """The record's eight fields and caption (bytes from TFDS decoded to str)."""
-  s = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  """The record's eight fields and caption."""
+  s = text_of
   return text_lib.StructuredText(
       family=s(record["family"]),
       values=tuple(s(v) for v in record["field_values"]),
@@ -107,8 +119,9 @@ def structured_text(record) -> text_lib.StructuredText:
       spans=tuple((int(a), int(b)) for a, b in np.asarray(record["value_spans"]).reshape(-1, 2)))
 
 
-def to_record(chip: chip_lib.Chip, text: text_lib.StructuredText, split: str) -> dict:
-  """A chip and its structured text as a record of FEATURES."""
+def to_record(chip: chip_lib.Chip, text: text_lib.StructuredText, split: str, *,
+              uncertain=(), generic=(), repairs=()) -> dict:
+  """A chip and its structured text (with the generator's judgements) as a record."""
   if text.family != chip.family:
     raise ValueError(f"chip {chip.id}: text family {text.family} != chip family {chip.family}")
   im, geo = chip.imaging, chip.geo
@@ -127,8 +140,40 @@ def to_record(chip: chip_lib.Chip, text: text_lib.StructuredText, split: str) ->
       "family": text.family, "field_names": list(text.field_names),
       "field_values": list(text.values), "caption": text.caption,
       "value_spans": np.asarray(text.spans, np.int32).reshape(-1, 2),
+      "text_uncertain": list(uncertain), "text_generic": list(generic),
+      "text_repairs": list(repairs),
       "instance_categories": [i.category for i in chip.instances],
       "instance_boxes": np.asarray([i.box for i in chip.instances], np.float32).reshape(-1, 4),
+      "instance_subtypes": [i.subtype for i in chip.instances],
+      "instance_attributes": np.asarray(
+          [(i.length_m, i.width_m, i.heading_deg, i.speed_kn) for i in chip.instances],
+          np.float32).reshape(-1, 4),
       "landcover": b"" if chip.landcover is None else _png(chip.landcover.astype(np.uint8)),
       "count": chip.count,
   }
+
+
+def to_chip(record) -> chip_lib.Chip:
+  """The chip a record was made from (image, metadata, ground truth), e.g. to re-check text."""
+  s = text_of
+  attrs = np.asarray(record["instance_attributes"], np.float32).reshape(-1, 4)
+  instances = tuple(
+      chip_lib.Instance(category=s(c), box=tuple(float(v) for v in box), subtype=s(sub),
+                        length_m=float(a[0]), width_m=float(a[1]), heading_deg=float(a[2]),
+                        speed_kn=float(a[3]))
+      for c, box, sub, a in zip(record["instance_categories"], record["instance_boxes"],
+                                record["instance_subtypes"], attrs))
+  return chip_lib.Chip(
+      id=s(record["id"]), scene_id=s(record["scene_id"]), image_db=decode_image(record),
+      imaging=chip_lib.Imaging(
+          platform=s(record["platform"]), band=s(record["band"]), mode=s(record["mode"]),
+          polarisations=tuple(s(p) for p in record["polarisations"]),
+          pixel_spacing_m=float(record["pixel_spacing_m"]),
+          incidence_deg=float(record["incidence_deg"]),
+          orbit_direction=s(record["orbit_direction"])),
+      geo=chip_lib.Geo(city=s(record["city"]), country=s(record["country"]),
+                       lat=float(record["lat"]), lon=float(record["lon"]),
+                       climate=s(record["climate"]), terrain=s(record["terrain"]),
+                       region_function=s(record["region_function"])),
+      family=s(record["family"]), resize_factor=float(record["resize_factor"]),
+      landcover=decode_landcover(record), instances=instances, count=int(record["count"]))

@@ -1,6 +1,9 @@
-"""The embedded default corpus: simulated SAR chips with their structured text.
+"""The embedded default corpus: simulated SAR chips with their HCoT structured text.
 
     python -m klip.data.prepare --dataset=synthetic --data_dir=data --num_chips=4000
+
+Texts come from the HCoT generator (`klip.hcot`) over the simulator's exact ground truth, with
+the `rules` backend unless another is named.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import tensorflow_datasets as tfds
 from klip.data import schema
 from klip.data import simulator
 from klip.data import splits
-from klip.data import template_writer
 
-VERSION = "1.0.0"
+VERSION = "1.2.0"  # 1.1.0: instance subtypes and attributes; 1.2.0: HCoT text
 
 
 @dataclasses.dataclass
@@ -30,16 +32,21 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   workers: int = 0  # 0: all cores
 
 
-def config_name(num_chips: int, image_size: int, channels: int, seed: int) -> str:
-  return f"n{num_chips}_s{image_size}_c{channels}_seed{seed}"
+def config_name(num_chips: int, image_size: int, channels: int, seed: int,
+                backend: str = "rules") -> str:
+  """The config name; a backend other than rules is appended, as its texts differ."""
+  suffix = "" if backend == "rules" else f"_{backend}"
+  return f"n{num_chips}_s{image_size}_c{channels}_seed{seed}{suffix}"
 
 
-def config_options(name: str) -> dict[str, int]:
+def config_options(name: str) -> dict[str, int | str]:
   """Inverse of config_name: the prepare options that build config `name`."""
-  m = re.fullmatch(r"n(\d+)_s(\d+)_c(\d+)_seed(\d+)", name)
+  m = re.fullmatch(r"n(\d+)_s(\d+)_c(\d+)_seed(\d+)(?:_([a-z]+))?", name)
   if not m:
-    raise ValueError(f"not a synthetic config name: {name!r} (expected n<N>_s<S>_c<C>_seed<K>)")
-  return dict(zip(("num_chips", "image_size", "channels", "seed"), map(int, m.groups())))
+    raise ValueError(f"not a synthetic config name: {name!r} "
+                     "(expected n<N>_s<S>_c<C>_seed<K>[_<backend>])")
+  options = dict(zip(("num_chips", "image_size", "channels", "seed"), map(int, m.groups()[:4])))
+  return options if m.group(5) is None else {**options, "backend": m.group(5)}
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder):
@@ -47,6 +54,10 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version(VERSION)
   BUILDER_CONFIGS = []
+
+  def __init__(self, *, generator, **kwargs):
+    self._generator = generator
+    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=schema.FEATURES,
@@ -63,12 +74,16 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     workers = cfg.workers or os.cpu_count()
     for chip in simulator.simulate(indices, cfg.seed, cfg.image_size, cfg.channels, workers):
-      yield chip.id, schema.to_record(chip, template_writer.caption(chip), split)
+      result = self._generator.generate(chip)
+      yield chip.id, schema.to_record(chip, result.text, split, uncertain=result.uncertain,
+                                      generic=result.generic, repairs=result.repairs)
 
 
-def builder(data_dir: str, *, num_chips: int = 1000, image_size: int = 64, channels: int = 2,
-            seed: int = 0, workers: int = 0) -> Synthetic:
-  cfg = SyntheticConfig(name=config_name(num_chips, image_size, channels, seed),
+def builder(data_dir: str, *, generator, num_chips: int = 1000, image_size: int = 64,
+            channels: int = 2, seed: int = 0, workers: int = 0) -> Synthetic:
+  backend = generator.backend.name
+  cfg = SyntheticConfig(name=config_name(num_chips, image_size, channels, seed, backend),
                         num_chips=num_chips, image_size=image_size, channels=channels,
                         seed=seed, workers=workers)
-  return Synthetic(data_dir=data_dir, config=cfg, file_format="array_record")
+  return Synthetic(data_dir=data_dir, config=cfg, generator=generator,
+                   file_format="array_record")

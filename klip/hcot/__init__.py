@@ -1,0 +1,1 @@
+"""Hierarchical chain-of-thought (HCoT) text generation: five levels, two backends."""
