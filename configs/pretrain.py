@@ -22,13 +22,17 @@ VARIANTS = ("smoke", "tiny", "small", "base", "large")
 
 
 def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels=2):
+  """Model fields. text.cross_attention_every: layers of the text tower with cross-attention
+  to image tokens for matching (1: all, k: every k-th, 0: no fusion path); decoder.depth:
+  blocks of the causal decoder (width, heads and MLP are the text tower's)."""
   width, depth, heads = vit
   t_width, t_depth, t_heads = text
   return ml_collections.ConfigDict(dict(
       image_size=image_size, patch_size=patch, channels=channels,
       vit=dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width),
       text=dict(vocab_size=vocab, max_len=max_len, width=t_width, depth=t_depth, heads=t_heads,
-                mlp_dim=4 * t_width, pad_id=0),
+                mlp_dim=4 * t_width, pad_id=0, cross_attention_every=1),
+      decoder=dict(depth=t_depth),
       embed_dim=embed_dim, temperature_init=0.07, dtype="float32", scan_layers=False,
       remat_policy="none"))
 
@@ -51,7 +55,23 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.total_steps = 400
   c.optim = dict(lr=1e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
                  weight_decay=0.05, clip_norm=1.0)
-  c.loss = dict(contrast_weight=1.0)
+  # Objectives and their weights (0 turns one off). contrast_type: "softmax" or "sigmoid";
+  # momentum distillation with a feature queue replaces either when enabled.
+  c.loss = dict(contrast_weight=1.0, match_weight=1.0, reconstruct_weight=1.0,
+                contrast_type="softmax", label_smoothing=0.1,
+                momentum=dict(enabled=False, decay=0.995, queue_size=4096, alpha=0.4))
+  # SCIO (method.md §3-4): after the warm-up (full captions), every `every_steps` steps a
+  # jitted rescoring pass over `slice_size` pairs of the table (a rotating slice; 0: all), in
+  # chunks of `batch_size`, screens each caption's clauses (margins on the rise of cosine and
+  # match probability), proofreads (drops the flagged clause, weight = weight_floor +
+  # (1 - weight_floor) * match probability) and, from reconstruct_from_fraction of total_steps
+  # on, refills the flagged value span (at most max_span tokens). A new table takes effect at
+  # the next epoch boundary. initial_table: a JSON pair table to start from instead of the
+  # clean one. exit_in_pass_at_step: fault hook (SIGKILL inside that pass).
+  c.scio = dict(enabled=variant != "smoke", every_steps=50, slice_size=64, batch_size=64,
+                warmup_fraction=1 / 3, reconstruct_from_fraction=2 / 3, margin_cosine=0.01,
+                margin_match=0.02, weight_floor=0.5, max_span=12, initial_table="",
+                exit_in_pass_at_step=-1)
   c.max_nonfinite_updates = 0  # skipped non-finite updates tolerated before the run stops
 
   # Sharding: mesh axis sizes (-1: all remaining devices) and logical-axis rules.
@@ -76,8 +96,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.checkpoint.every_steps = 5
     c.log_every = 1
-  elif variant == "tiny":
-    c.model = _model(64, 8, (128, 4, 4), (128, 4, 4), vocab=2000, max_len=160, embed_dim=128)
+  elif variant == "tiny":  # 2.8 GFLOP per example for the three objectives (XLA count)
+    c.model = _model(64, 8, (128, 4, 4), (128, 2, 4), vocab=2000, max_len=128, embed_dim=128)
+    c.batch_size = 32
   elif variant == "small":
     c.data.dataset = "synthetic/n40000_s64_c2_seed0"
     c.model = _model(64, 8, (256, 6, 4), (256, 6, 4), vocab=4000, max_len=160)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -24,7 +25,8 @@ def abstract_pure(state, shardings):
 
 
 class Checkpointer:
-  """A CheckpointManager over DIR/checkpoints with items 'state' and 'data'."""
+  """A CheckpointManager over DIR/checkpoints with items 'state', 'data' and, for SCIO runs,
+  'scio' (the pair tables, JSON)."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -32,7 +34,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save),
-        item_names=("state", "data"))
+        item_names=("state", "data", "scio"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -40,10 +42,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-        data=ocp.args.JsonSave(data)), force=True)
+  def save(self, step: int, state, data: dict, table: dict | None = None) -> None:
+    """Saves state and data position, and the SCIO tables (JSON-compatible) if given."""
+    items = {"state": ocp.args.StandardSave(nnx.to_pure_dict(state)),
+             "data": ocp.args.JsonSave(data)}
+    if table is not None:
+      items["scio"] = ocp.args.JsonSave(table)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, state_template, shardings):
     """Restores `step` into the structure of `state_template` with `shardings`."""
@@ -53,6 +58,13 @@ class Checkpointer:
     state = jax.tree.map(lambda x: x, state_template)
     nnx.replace_by_pure_dict(state, restored.state)
     return state, restored.data
+
+  def restore_table(self, step: int) -> dict | None:
+    """The SCIO tables saved with `step`, or None if that step has none."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "scio")):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(
+        scio=ocp.args.JsonRestore())).scio
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -75,6 +87,11 @@ def read_params(path: str) -> dict:
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint under {path}")
     path = os.path.join(path, str(step))
+  item = os.path.join(path, "state")
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(path, "state"))
-  return state["model"]
+    # Onto one local device, whatever devices wrote it (a pod checkpoint on a laptop).
+    tree = ckptr.metadata(item).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), tree)
+    state = ckptr.restore(item, target)
+  return jax.tree.map(np.asarray, state["model"])

@@ -28,11 +28,13 @@ def main(argv):
   d = train_state.describe(_CONFIG.value)
   print(f"config {_CONFIG.value.variant}: {d['parameters']:,} parameters "
         f"({d['parameters'] / 1e6:.1f}M)")
-  for name, n in d["towers"].items():
+  for name, n in d["parts"].items():
     print(f"  {name:12s} {n:>14,}")
+  print(f"two towers (ViT + text encoder, without fusion cross-attention): "
+        f"{d['two_tower']:,} ({d['two_tower'] / 1e6:.1f}M); fusion cross-attention "
+        f"{d['fusion_cross_attention']:,}")
   print(f"mesh {d['mesh']}: train state (params + optimizer) "
         f"{d['state_bytes_per_device'] / 2**30:.2f} GiB per device")
-
 
 if __name__ == "__main__":
   app.run(main)

@@ -39,8 +39,11 @@ def _versions() -> dict[str, str]:
 
 
 def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerprint: str,
-           resumed_from: int | None) -> dict:
-  """Writes DIR/config.json, after checking an existing one against these fingerprints."""
+           resumed_from: int | None, write: bool = True) -> dict:
+  """Writes DIR/config.json, after checking an existing one against these fingerprints.
+
+  Every process checks; only the one with `write` (process 0) writes.
+  """
   path = os.path.join(workdir, "config.json")
   previous = None
   if os.path.exists(path):
@@ -66,8 +69,9 @@ def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerpr
           {"git_commit": _git_commit(), "resumed_from_step": resumed_from,
            "total_steps": config.total_steps}],
   }
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(entry, f, indent=1)
-  os.replace(tmp, path)
+  if write:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(entry, f, indent=1)
+    os.replace(tmp, path)
   return entry

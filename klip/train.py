@@ -9,7 +9,7 @@ that run to step N.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 import signal
 import time
@@ -21,13 +21,15 @@ import numpy as np
 import optax
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from flax import nnx
 from flax.core import spmd as core_spmd
 from ml_collections import config_flags
 
 from klip import checkpoint as checkpoint_lib
+from klip import distributed
 from klip import init_from
-from klip import losses
+from klip import objectives
 from klip import metrics_writer
 from klip import optim
 from klip import provenance
@@ -38,10 +40,23 @@ from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
 from klip.model import two_tower
+from klip.scio import rescore as scio_rescore
+from klip.scio import schedule as scio_schedule
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, tokenizer).")
+# Multi-process runs (see klip/distributed.py): SLURM and Cloud TPU need none of these.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (explicit mode).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (explicit mode).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (explicit mode).")
+_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
+                                        "CPU devices per process (local CPU mode; 0: default).")
+_JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                     "Seconds to wait for all processes to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 60,
+                                          "Seconds without heartbeats before a process is dead.")
 
 
 class NonFiniteError(RuntimeError):
@@ -79,12 +94,13 @@ def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
 def make_train_step(config, graphdef):
   accum = config.grad_accum_steps
   base_key = jax.random.key(config.seed)
+  mcfg = config.loss.momentum
 
-  def loss_and_grads(model, batch, rng):
+  def loss_and_grads(model, batch, rng, momentum):
     mgraph, params = nnx.split(model)
 
     def loss_fn(p, mb):
-      return losses.total(nnx.merge(mgraph, p), mb, rng, config)
+      return objectives.total(nnx.merge(mgraph, p), mb, rng, config, momentum)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
@@ -101,17 +117,33 @@ def make_train_step(config, graphdef):
     total, _ = jax.lax.scan(body, zero, micro)
     return jax.tree.map(lambda x: x / accum, total)
 
+  def update_momentum(ts, features):
+    """EMA of the model into the momentum encoders; the batch's momentum features enqueued."""
+    params = nnx.state(ts.model, nnx.Param)
+    ema = jax.tree.map(lambda m, p: mcfg.decay * m + (1 - mcfg.decay) * p,
+                       nnx.state(ts.momentum, nnx.Param), params)
+    nnx.update(ts.momentum, ema)
+    ptr = ts.queue_ptr[...]
+    for queue, feats in ((ts.image_queue, features[0]), (ts.text_queue, features[1])):
+      queue[...] = jax.lax.dynamic_update_slice(queue[...], feats.astype(queue.dtype), (ptr, 0))
+    ts.queue_ptr[...] = (ptr + features[0].shape[0]) % mcfg.queue_size
+
   def train_step(state, batch, step):
     # copy=True: the optimizer updates Variables in place, and `state` must stay the old value.
     ts = nnx.merge(graphdef, state, copy=True)
     rng = jax.random.fold_in(base_key, step)
-    (loss, metrics), grads = loss_and_grads(ts.model, batch, rng)
+    momentum = ((ts.momentum, (ts.image_queue[...], ts.text_queue[...])) if mcfg.enabled
+                else None)
+    (loss, metrics), grads = loss_and_grads(ts.model, batch, rng, momentum)
+    features = metrics.pop("_momentum_features", None)
     if config.debug.nonfinite_at_step >= 0:  # fault hook for tests
       loss = jnp.where(step == config.debug.nonfinite_at_step, jnp.nan, loss)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr = optim.schedule(config)(ts.optimizer.step[...])
     ts.optimizer.update(ts.model, grads)
+    if mcfg.enabled:
+      update_momentum(ts, features)
     # A non-finite update is skipped: every array keeps its old value, the counter counts it.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state(ts), state)
     ts = nnx.merge(graphdef, new_state)
@@ -140,6 +172,11 @@ def train(config, workdir: str) -> dict:
   if config.batch_size % (config.grad_accum_steps * jax.process_count()):
     raise ValueError(f"batch_size {config.batch_size} must divide by grad_accum_steps "
                      f"{config.grad_accum_steps} x process count {jax.process_count()}")
+  if config.loss.momentum.enabled and (
+      config.grad_accum_steps > 1 or config.loss.momentum.queue_size % config.batch_size):
+    raise ValueError(f"momentum distillation needs grad_accum_steps=1 and a queue_size "
+                     f"({config.loss.momentum.queue_size}) that is a multiple of batch_size "
+                     f"({config.batch_size})")
   batch_shards = int(np.prod([mesh.shape[a] for a in ("slice", "data", "fsdp")]))
   if (config.batch_size // config.grad_accum_steps) % batch_shards:
     raise ValueError(f"micro-batch {config.batch_size // config.grad_accum_steps} does not "
@@ -154,7 +191,8 @@ def train(config, workdir: str) -> dict:
   resumed_from = ckpt.latest_step()
   provenance.record(workdir, config,
                     dataset_fingerprint=dataset_lib.fingerprint(d.data_dir, d.dataset),
-                    tokenizer_fingerprint=tok.fingerprint(), resumed_from=resumed_from)
+                    tokenizer_fingerprint=tok.fingerprint(), resumed_from=resumed_from,
+                    write=is_main)
 
   # ----- model, optimizer, sharding -----------------------------------------------------------
   # Created outside the mesh context: placement comes from the explicit shardings alone.
@@ -175,8 +213,8 @@ def train(config, workdir: str) -> dict:
 
   with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd)
-                for k, nd in (("image", 4), ("tokens", 2), ("clause", 2), ("valid", 1),
-                              ("index", 1))}
+                for k, nd in (("image", 4), ("tokens", 2), ("clause", 2), ("weight", 1),
+                              ("valid", 1), ("index", 1))}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_train_step(config, graphdef),
                       in_shardings=(shardings, batch_sh, replicated),
@@ -201,11 +239,30 @@ def train(config, workdir: str) -> dict:
     pending = None  # (step, device metrics, host extras): read one step late
     last_metrics, timed = {}, None
     first_step = step
+    # SCIO: the pair tables travel in the checkpoint; the pipeline reads the active one.
+    scio = scio_schedule.Controller(
+        config, source, tok, preprocess,
+        saved=ckpt.restore_table(resumed_from) if resumed_from is not None else None)
+    scorer = (scio_rescore.ModelScorer(graphdef, shardings, mesh, rules, tok,
+                                       max_span=config.scio.max_span) if scio.enabled else None)
+
+    def open_batches():
+      return pipeline.local_batches(
+          source, dataclasses.replace(preprocess, table=scio.view()), seed=config.seed,
+          global_batch=config.batch_size, start_example=examples_seen,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          num_workers=d.num_workers, num_threads=d.num_threads, name=f"{d.dataset}:{d.split}")
+
+    if scio.enabled:
+      batches = open_batches()
+
+    def kill_in_pass():  # fault hook: die like a killed process, inside a rescoring pass
+      os.kill(os.getpid(), signal.SIGKILL)
 
     def save(at_step, examples):
       ckpt.save(at_step, state, {"step": at_step, "examples_seen": examples,
                                  "global_batch": config.batch_size, "seed": config.seed,
-                                 "dataset": d.dataset})
+                                 "dataset": d.dataset}, table=scio.payload())
 
     def read(pending):
       at_step, dev, extras = pending
@@ -218,7 +275,8 @@ def train(config, workdir: str) -> dict:
             f"({int(host['nonfinite_updates'])} skipped so far, limit "
             f"max_nonfinite_updates={config.max_nonfinite_updates}). Last good checkpoint: "
             f"step {ckpt.latest_step()} in {ckpt.directory}")
-      if at_step % config.log_every == 0 or at_step == config.total_steps:
+      if (at_step % config.log_every == 0 or at_step == config.total_steps
+          or "scio/pass_seconds" in host):
         host.update(writer.progress(at_step, host))
         writer.write(at_step, host)
       return host
@@ -226,6 +284,8 @@ def train(config, workdir: str) -> dict:
     while step < config.total_steps:
       if step == config.debug.exit_at_step:  # fault hook: die like a killed process
         os.kill(os.getpid(), signal.SIGKILL)
+      if scio.switch(examples_seen):  # a new pair table, from this epoch boundary on
+        batches = open_batches()
       local = next(batches)
       extras = {"data/skipped": float(np.sum(local["valid"] == 0)),
                 "data/index_digest": zlib.crc32(np.ascontiguousarray(local["index"]).tobytes())}
@@ -237,6 +297,10 @@ def train(config, workdir: str) -> dict:
       if pending is not None:
         last_metrics = read(pending)
       pending = (step, metrics, extras)
+      if scio.due(step):
+        extras.update(scio.rescore(
+            scorer, state, step, examples_seen, wall_start,
+            after_chunk=kill_in_pass if step == config.scio.exit_in_pass_at_step else None))
       if timed is None and step - first_step == 2:
         timed = (step, time.time())  # exclude compilation from the throughput summary
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
@@ -293,7 +357,12 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log every save at INFO
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_JOIN_TIMEOUT.value,
+                         heartbeat_s=_HEARTBEAT_TIMEOUT.value)
+  distributed.check_layout(_CONFIG.value.mesh, jax.device_count(), jax.process_count())
   train(_CONFIG.value, _WORKDIR.value)
 
 

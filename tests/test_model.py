@@ -1,4 +1,5 @@
-"""Tests of the KLIP model towers, the scanned/rematted encoder and parameter annotations."""
+"""Tests of the KLIP model towers, fusion path, decoder, scanned/rematted encoder and parameter
+annotations."""
 
 import jax
 import jax.numpy as jnp
@@ -97,18 +98,29 @@ def test_text_embedding_ignores_padding():
   assert not np.allclose(model.embed_texts(tokens)[0], model.embed_texts(changed)[0], atol=1e-5)
 
 
-def test_scan_matches_loop_with_copied_params():
-  config = tiny_config()
+@pytest.mark.parametrize("every", [1, 2])
+def test_scan_matches_loop_with_copied_params(every):
+  config = tiny_config(text=dict(tiny_config().text, cross_attention_every=every))
   loop_model = Model(config, rngs=nnx.Rngs(0))
-  scan_model = Model(tiny_config(scan_layers=True), rngs=nnx.Rngs(1))
+  scan_config = ml_collections.ConfigDict(config.to_dict())
+  scan_config.scan_layers = True
+  scan_model = Model(scan_config, rngs=nnx.Rngs(1))
   kernel = scan_model.image.encoder.blocks.mlp.fc1.kernel
   assert kernel.shape == (2, 32, 64)
   assert kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
   assert not np.allclose(kernel[0], kernel[1])  # each layer gets its own rng split
+  units = 2 // every  # scanned units: a block with cross-attention, or a group of `every`
+  cross = scan_model.text.encoder.blocks
+  cross = cross.cross_attn if every == 1 else cross.layers[every - 1].cross_attn
+  assert cross.key.kernel.shape == (units, 32, 4, 8)
   copy_loop_params_to_scan(loop_model, scan_model)
   images, tokens = inputs(config)
   for want, got in zip(loop_model(images, tokens), scan_model(images, tokens)):
     np.testing.assert_allclose(want, got, atol=1e-5)
+  image_tokens = loop_model.encode_image(images)
+  for fn in ("match_logits", "decode_logits"):
+    want = getattr(loop_model, fn)(image_tokens, tokens)
+    np.testing.assert_allclose(want, getattr(scan_model, fn)(image_tokens, tokens), atol=1e-5)
 
 
 def test_remat_does_not_change_outputs_or_grads():
@@ -164,9 +176,18 @@ def test_sharded_forward_matches_unsharded():
   rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
            ("heads", "tensor"), ("vocab", "tensor"))
   graphdef, state = nnx.split(model)
+  image_tokens = model.encode_image(images)
+  want += (model.match_logits(image_tokens, tokens), model.decode_logits(image_tokens, tokens))
+
+  def forward(state, images, tokens):
+    model = nnx.merge(graphdef, state)
+    image_tokens = model.encode_image(images)
+    return model(images, tokens) + (model.match_logits(image_tokens, tokens),
+                                    model.decode_logits(image_tokens, tokens))
+
   with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
     state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
-    got = jax.jit(lambda s, i, t: nnx.merge(graphdef, s)(i, t))(state, images, tokens)
+    got = jax.jit(forward)(state, images, tokens)
   for w, g in zip(want, got):
     np.testing.assert_allclose(w, g, atol=1e-5)
 
@@ -200,12 +221,21 @@ def test_config_validation_errors():
 
 
 def test_base_param_count():
-  model = nnx.eval_shape(lambda: Model(base_config(), rngs=nnx.Rngs(0)))
+  config = base_config()
+  model = nnx.eval_shape(lambda: Model(config, rngs=nnx.Rngs(0)))
   count = count_params(model)
   print(f"base model parameters: {count:,}")
-  expected = 86e6 + 85e6 + 32000 * 768
-  assert abs(count - expected) / expected < 0.1
+  w, depth, vocab, max_len = 768, 12, 32000, 128
+  attn = 4 * (w * w + w)                           # q, k, v, out with biases
+  block = attn + (8 * w * w + 5 * w) + 2 * 2 * w   # + MLP (4w hidden) + two LayerNorms
+  cross = attn + 2 * w                             # cross-attention (kv width 768) + its LN
+  vit = (16 * 16 * 2 + 1) * w + (2 + 14 * 14) * w + depth * block + 2 * w
+  text = (vocab + max_len) * w + depth * (block + cross) + 2 * w
+  decoder = depth * (block + cross) + 2 * w        # embedding shared with the text tower
+  heads = 2 * w * 256 + 2 + (w + 1) * 2  # projections, temperature, sigmoid bias, ITM head
+  assert count == vit + text + decoder + heads     # ~86M + 138M + 113M = ~338M
   assert model.image.encoder.blocks.attn.query.kernel.shape == (12, 768, 12, 64)
+  assert model.text.encoder.blocks.cross_attn.key.kernel.shape == (12, 768, 12, 64)
 
 
 def test_encoder_layers_standalone():
@@ -224,3 +254,72 @@ def test_cross_attention_shapes():
   mask = jnp.ones((2, 4, 5, 7), bool)
   assert attention(x, kv, mask).shape == (2, 5, 32)
   assert attention.key.kernel.shape == (16, 4, 8)
+
+
+def test_fusion_changes_fused_output_but_not_contrastive_embeddings():
+  config = tiny_config()
+  fused_model = Model(config, rngs=nnx.Rngs(0))
+  plain_model = Model(tiny_config(text=dict(config.text, cross_attention_every=0)),
+                      rngs=nnx.Rngs(1))
+  assert plain_model.itm_head is None
+  source = {path: var[...] for path, var in params_flat(fused_model)}
+  nnx.update(plain_model, nnx.from_flat_state(
+      [(path, var.replace(source[path])) for path, var in params_flat(plain_model)]))
+  images, tokens = inputs(config)
+  image_tokens = fused_model.encode_image(images)
+  np.testing.assert_allclose(fused_model.embed_texts(tokens), plain_model.embed_texts(tokens),
+                             atol=1e-6)
+  np.testing.assert_allclose(fused_model.text(tokens), plain_model.text(tokens), atol=1e-6)
+  fused = fused_model.text(tokens, image_tokens)
+  assert not np.allclose(fused, fused_model.text(tokens), atol=1e-3)
+  other = fused_model.text(tokens, image_tokens[::-1])  # the other image changes the output
+  assert not np.allclose(fused[0], other[0], atol=1e-3)
+  with pytest.raises(ValueError, match="no fusion path"):
+    plain_model.match_logits(image_tokens, tokens)
+
+
+def test_match_and_decode_logits_shapes():
+  config = tiny_config(decoder=dict(depth=3))
+  model = Model(config, rngs=nnx.Rngs(0))
+  images, tokens = inputs(config)
+  image_tokens = model.encode_image(images)
+  match = model.match_logits(image_tokens, tokens)
+  assert match.shape == (2, 2) and match.dtype == jnp.float32
+  logits = model.decode_logits(image_tokens, tokens)
+  assert logits.shape == (2, 10, 50) and logits.dtype == jnp.float32
+  assert model.decoder.layers.blocks[2].cross_attn is not None
+  assert len(model.decoder.layers.blocks) == 3
+
+
+def test_decoder_is_causal_and_ignores_padding():
+  config = tiny_config()
+  model = Model(config, rngs=nnx.Rngs(0))
+  images, tokens = inputs(config)
+  image_tokens = model.encode_image(images)
+  logits = model.decode_logits(image_tokens, tokens)
+  for t in (1, 4, 7):
+    changed = model.decode_logits(image_tokens, tokens.at[:, t].set(9))
+    np.testing.assert_allclose(changed[:, :t], logits[:, :t], atol=1e-5)
+    assert not np.allclose(changed[1, t:], logits[1, t:], atol=1e-4)
+  padded = jnp.pad(tokens, ((0, 0), (0, 2)), constant_values=config.text.pad_id)
+  real = np.asarray(tokens != config.text.pad_id)
+  np.testing.assert_allclose(model.decode_logits(image_tokens, padded)[:, :10][real],
+                             logits[real], atol=1e-5)
+
+
+def test_decoder_logits_are_tied_to_the_token_embedding():
+  config = tiny_config()
+  model = Model(config, rngs=nnx.Rngs(0))
+  images, tokens = inputs(config)
+  image_tokens = model.encode_image(images)
+  states = model.decode_states(image_tokens, tokens)
+  np.testing.assert_allclose(model.decode_logits(image_tokens, tokens),
+                             states @ model.text.embed.embedding[...].T, atol=1e-5)
+  assert not any("decoder" in path and "embed" in path for path, _ in params_flat(model))
+
+
+def test_cross_attention_every_must_divide_depth():
+  with pytest.raises(ValueError, match="not divisible by cross_every"):
+    Model(tiny_config(text=dict(tiny_config().text, cross_attention_every=3)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="no cross-attention"):
+    layers.Encoder(1, 16, 2, 32, rngs=nnx.Rngs(0))(jnp.ones((1, 2, 16)), kv=jnp.ones((1, 3, 16)))

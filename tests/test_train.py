@@ -14,7 +14,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 from conftest import smoke_config
-from klip import losses
+from klip import objectives
 from klip import metrics_writer
 from klip import provenance
 from klip import sharding
@@ -34,7 +34,8 @@ def _random_batch(config, n=8, seed=0):
   return {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
               np.float32),
           "tokens": tokens, "clause": np.full_like(tokens, -1),
-          "valid": np.ones((n,), np.int32), "index": np.arange(n, dtype=np.int32)}
+          "weight": np.ones((n,), np.float32), "valid": np.ones((n,), np.int32),
+          "index": np.arange(n, dtype=np.int32)}
 
 
 def _loss_and_grads(config, mesh_dims, devices):
@@ -50,7 +51,7 @@ def _loss_and_grads(config, mesh_dims, devices):
     @jax.jit
     def fn(p, b):
       return jax.value_and_grad(
-          lambda p: losses.total(nnx.merge(mgraph, p), b, jax.random.key(0), config),
+          lambda p: objectives.total(nnx.merge(mgraph, p), b, jax.random.key(0), config),
           has_aux=True)(p)
 
     (loss, _), grads = fn(params, batch)
@@ -265,5 +266,6 @@ def test_describe_base_on_8_devices(data_dir):
   d = train_state.describe(pretrain.get_config("base"))
   vit_b16 = 86e6
   text = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 32000 * 768
-  assert abs(d["parameters"] - (vit_b16 + text)) / (vit_b16 + text) < 0.1
+  assert abs(d["two_tower"] - (vit_b16 + text)) / (vit_b16 + text) < 0.1
+  assert d["parameters"] > d["two_tower"] + d["fusion_cross_attention"]  # + decoder
   assert d["mesh"]["data"] == 8

@@ -20,6 +20,7 @@ from PIL import Image
 
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
+from klip.scio import table as table_lib
 
 _LOGGED_ERRORS = 5
 
@@ -56,6 +57,9 @@ class Preprocess(grain.transforms.RandomMap):
   db_max: float
   train: bool
   gain_db: float = 0.0  # uniform calibration-gain jitter in dB (speckle-preserving)
+  # SCIO's pair table: rewritten values, a dropped clause (left out of the tokens) and the
+  # pair's weight; a record whose id the table does not expect stops the run.
+  table: table_lib.TableView | None = None
 
   def random_map(self, element, rng: np.random.Generator):
     index, record = element
@@ -63,6 +67,8 @@ class Preprocess(grain.transforms.RandomMap):
       if record is None:
         raise ValueError("unreadable record")
       return self._example(index, record, rng)
+    except table_lib.TableMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("record %d skipped: %r", index, e)
       return self._invalid(index)
@@ -85,9 +91,11 @@ class Preprocess(grain.transforms.RandomMap):
     x = 2.0 * x - 1.0
     image = np.zeros((self.image_size, self.image_size, self.channels), np.float32)
     image[..., :x.shape[-1]] = x  # a single-polarisation chip leaves the second channel at 0
-    tokens, clause = self._tokenizer().encode_caption(schema.structured_text(record),
-                                                      self.max_len)
-    return {"image": image, "tokens": tokens, "clause": clause,
+    st, skip, weight = schema.structured_text(record), -1, 1.0
+    if self.table is not None:
+      st, skip, weight = self.table.apply(index, table_lib.example_id(record), st)
+    tokens, clause = self._tokenizer().encode_caption(st, self.max_len, skip=skip)
+    return {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
             "valid": np.int32(1), "index": np.int32(index)}
 
   def _fit(self, db: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -112,7 +120,7 @@ class Preprocess(grain.transforms.RandomMap):
     return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
             "tokens": np.zeros((self.max_len,), np.int32),
             "clause": np.full((self.max_len,), tokenizer_lib.TEMPLATE, np.int32),
-            "valid": np.int32(0), "index": np.int32(index)}
+            "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
 
 
 def local_batches(source, preprocess: Preprocess, *, seed: int, global_batch: int,

@@ -53,14 +53,15 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids if int(i) > SEP])
 
-  def encode_caption(self, st: text_lib.StructuredText, max_len: int):
+  def encode_caption(self, st: text_lib.StructuredText, max_len: int, skip: int = -1):
     """[ENC] + caption tokens (separator as [SEP]), padded/truncated to max_len.
 
     Returns (ids int32 [max_len], clause int32 [max_len]) where clause[t] is the index of the
-    field whose value span token t belongs to, or TEMPLATE.
+    field whose value span token t belongs to, or TEMPLATE. skip >= 0 leaves clause `skip` out
+    (its template prefix, value span and one separator); the other clauses keep their indices.
     """
     ids, clause = [ENC], [TEMPLATE]
-    for piece, index in st.segments():
+    for piece, index in (st.segments() if skip < 0 else _segments_without(st, skip)):
       parts = piece.split(text_lib.SEPARATOR) if index == TEMPLATE else [piece]
       for j, part in enumerate(parts):
         if j:
@@ -73,6 +74,31 @@ class Tokenizer:
     pad = max_len - len(ids)
     return (np.asarray(ids + [PAD] * pad, np.int32),
             np.asarray(clause + [TEMPLATE] * pad, np.int32))
+
+
+def _segments_without(st: text_lib.StructuredText, k: int) -> list[tuple[str, int]]:
+  """`st.segments()` with the characters of clause k cut out: for k > 0 the separator before
+  it, its prefix and its value; for clause 0 its prefix, its value and the separator after it."""
+  n = len(st.spans)
+  if not 0 <= k < n:
+    raise ValueError(f"cannot leave out clause {k}: the caption has {n} clauses")
+  sep = text_lib.SEPARATOR
+  cut_start = 0 if k == 0 else st.spans[k - 1][1]
+  cut_end = st.spans[k][1] + (len(sep) if k == 0 and n > 1 else 0)
+  boundary = st.spans[0][1] if k == 0 else cut_start
+  if n > 1 and st.caption[boundary:boundary + len(sep)] != sep:
+    raise ValueError(f"clause {k} of {st.caption!r} is not delimited by {sep!r}")
+  out, cursor = [], 0
+  for piece, index in st.segments():
+    start, end = cursor, cursor + len(piece)
+    cursor = end
+    if end <= cut_start or start >= cut_end:
+      out.append((piece, index))
+    elif index == TEMPLATE:
+      kept = piece[:max(0, cut_start - start)] + piece[min(len(piece), cut_end - start):]
+      if kept:
+        out.append((kept, index))
+  return out
 
 
 def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) -> Tokenizer:

@@ -1,5 +1,8 @@
 """Transformer building blocks: MLP, attention, pre-LayerNorm block and the block stack.
 
+Blocks optionally cross-attend to another token sequence (the image tokens, for matching and
+decoding); the cross-attention sublayer runs only when those tokens are passed.
+
 Every parameter carries logical axis names (see `klip.sharding`); the residual stream is
 constrained to ("batch", "length", "embed") at block boundaries. `Encoder` runs its blocks as
 a Python loop or, with `scan=True`, as one `nnx.scan` over parameters stacked along a leading
@@ -96,23 +99,54 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-LayerNorm transformer block with an optional cross-attention sublayer.
 
-  def __init__(self, width: int, heads: int, mlp_dim: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  x + attn(ln(x)); with `cross_width` (the feature size of the attended tokens) then
+  x + cross_attn(ln(x), kv) whenever `kv` is given (skipped otherwise); then x + mlp(ln(x)).
+  """
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, *, cross_width: int | None = None,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.norm1 = layer_norm(width, dtype, rngs)
     self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+    if cross_width:
+      self.norm_cross = layer_norm(width, dtype, rngs)
+      self.cross_attn = Attention(width, heads, kv_width=cross_width, dtype=dtype, rngs=rngs)
+    else:
+      self.cross_attn = None
     self.norm2 = layer_norm(width, dtype, rngs)
     self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
+               kv_mask: jax.Array | None = None) -> jax.Array:
     x = x + self.attn(self.norm1(x), mask=mask)
+    if kv is not None and self.cross_attn is not None:
+      x = x + self.cross_attn(self.norm_cross(x), kv, kv_mask)
     x = x + self.mlp(self.norm2(x))
     return sharding.constrain(x, RESIDUAL)
 
 
-def _apply_block(block: Block, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-  return block(x, mask)
+class BlockGroup(nnx.Module):
+  """`size` consecutive Blocks of which only the last has cross-attention.
+
+  The repeated unit of an Encoder whose cross-attention is in every `size`-th layer, so that
+  scanned layers stay identical in structure.
+  """
+
+  def __init__(self, size: int, make_block, cross_width: int, *, rngs: nnx.Rngs):
+    blocks = [make_block(rngs=rngs) for _ in range(size - 1)]
+    self.layers = nnx.List(blocks + [make_block(cross_width=cross_width, rngs=rngs)])
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
+               kv_mask: jax.Array | None = None) -> jax.Array:
+    for block in self.layers:
+      x = block(x, mask, kv, kv_mask)
+    return x
+
+
+def _apply_unit(unit: Block | BlockGroup, x: jax.Array, mask: jax.Array | None,
+                kv: jax.Array | None, kv_mask: jax.Array | None) -> jax.Array:
+  return unit(x, mask, kv, kv_mask)
 
 
 def check_remat_policy(policy: str) -> None:
@@ -137,35 +171,57 @@ def rematted(fn, policy: str):
 class Encoder(nnx.Module):
   """A stack of `depth` Blocks, looped in Python or scanned over stacked parameters.
 
-  With `scan=True` the blocks are created by `nnx.vmap` (one rng split per layer), so every
-  parameter has a leading axis of size `depth` named "layers".
+  With `cross_width`, layers cross-attend to the `kv` tokens passed at call time: every layer
+  when `cross_every` is 1, else the last layer of each group of `cross_every` (the repeated
+  unit is then a BlockGroup, and `depth` must divide by `cross_every`). Without `kv` the
+  cross-attention sublayers are skipped.
+
+  With `scan=True` the units are created by `nnx.vmap` (one rng split per unit), so every
+  parameter has a leading axis of size `depth // cross_every` named "layers".
   """
 
-  def __init__(self, depth: int, width: int, heads: int, mlp_dim: int, *, scan: bool = False,
+  def __init__(self, depth: int, width: int, heads: int, mlp_dim: int, *,
+               cross_width: int | None = None, cross_every: int = 1, scan: bool = False,
                remat_policy: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     check_remat_policy(remat_policy)
     self.scan = scan
     self.remat_policy = remat_policy
+    self.cross = bool(cross_width)
     make_block = functools.partial(Block, width, heads, mlp_dim, dtype=dtype)
+    if self.cross and cross_every < 1:
+      raise ValueError(f"cross_every must be >= 1 with cross-attention, got {cross_every}")
+    if self.cross and depth % cross_every:
+      raise ValueError(f"depth {depth} is not divisible by cross_every {cross_every}")
+    if not self.cross or cross_every == 1:
+      units = depth
+      make_unit = functools.partial(make_block, cross_width=cross_width)
+    else:
+      units = depth // cross_every
+      make_unit = functools.partial(BlockGroup, cross_every, make_block, cross_width)
     if scan:
-      @nnx.split_rngs(splits=depth)
+      @nnx.split_rngs(splits=units)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
-      def make_stack(rngs: nnx.Rngs) -> Block:
-        return make_block(rngs=rngs)
+      def make_stack(rngs: nnx.Rngs):
+        return make_unit(rngs=rngs)
 
       self.blocks = make_stack(rngs)
     else:
-      self.blocks = nnx.List([make_block(rngs=rngs) for _ in range(depth)])
+      self.blocks = nnx.List([make_unit(rngs=rngs) for _ in range(units)])
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
+               kv_mask: jax.Array | None = None) -> jax.Array:
+    """x [B, L, D]; kv [B, Lk, cross_width] and kv_mask [B, 1 or H, L, Lk] for cross-attention."""
+    if kv is not None and not self.cross:
+      raise ValueError("this Encoder has no cross-attention; kv must be None")
     x = sharding.constrain(x, RESIDUAL)
-    step = rematted(_apply_block, self.remat_policy)
+    step = rematted(_apply_unit, self.remat_policy)
     if self.scan:
-      @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry, transform_metadata=LAYERS)
-      def scan_blocks(x, block, mask):
-        return step(block, x, mask)
+      @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=nnx.Carry,
+                transform_metadata=LAYERS)
+      def scan_blocks(x, unit, mask, kv, kv_mask):
+        return step(unit, x, mask, kv, kv_mask)
 
-      return scan_blocks(x, self.blocks, mask)
-    for block in self.blocks:
-      x = step(block, x, mask)
+      return scan_blocks(x, self.blocks, mask, kv, kv_mask)
+    for unit in self.blocks:
+      x = step(unit, x, mask, kv, kv_mask)
     return x

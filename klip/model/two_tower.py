@@ -1,4 +1,9 @@
-"""The two-tower model: ViT + text encoder, linear projections and a learned temperature."""
+"""The KLIP model: two towers for contrast, a fusion path for matching, a decoder to reconstruct.
+
+ViT + text encoder with linear projections and a learned temperature (contrast); the text
+tower with cross-attention to the image tokens and a 2-way head (match, `POSITIVE` = match);
+an image-conditioned causal decoder whose logits are tied to the token embedding (reconstruct).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klip.model.layers import DENSE_INIT, param
-from klip.model.text import TextEncoder
+from klip import sharding
+from klip.model.layers import DENSE_INIT, ZEROS, param
+from klip.model.text import TextDecoder, TextEncoder
 from klip.model.vit import ViT
 
 MAX_SCALE = 100.0
+SIGMOID_BIAS_INIT = -10.0
+POSITIVE = 1  # index of "match" in the ITM logits (0: no match)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -27,9 +35,10 @@ def _projection(width: int, embed_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class Model(nnx.Module):
-  """Image and text towers whose pooled outputs are projected to a shared unit sphere.
+  """Image and text towers projected to a shared unit sphere, plus the match head and decoder.
 
-  Towers compute in `config.dtype`; projections, normalisation and outputs are float32.
+  Towers compute in `config.dtype`; projections, heads, normalisation and outputs are float32.
+  With `text.cross_attention_every` = 0 there is no fusion path (and no `itm_head`).
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
@@ -40,6 +49,13 @@ class Model(nnx.Module):
     init_scale = math.log(1.0 / config.temperature_init)
     self.logit_scale = nnx.Param(
         param(nnx.initializers.constant(init_scale), ())(rngs.params(), ()))
+    # bias of the sigmoid (SigLIP) contrastive loss; unused by the softmax loss
+    self.logit_bias = nnx.Param(
+        param(nnx.initializers.constant(SIGMOID_BIAS_INIT), ())(rngs.params(), ()))
+    self.itm_head = nnx.Linear(config.text.width, 2, dtype=jnp.float32, rngs=rngs,
+                               kernel_init=param(DENSE_INIT, ("embed", None)),
+                               bias_init=param(ZEROS, (None,))) if self.text.fusion else None
+    self.decoder = TextDecoder(config, rngs=rngs)
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """ViT tokens [B, 1 + N, width], CLS first."""
@@ -49,10 +65,13 @@ class Model(nnx.Module):
     """Text hidden states [B, L, width]."""
     return self.text(tokens)
 
+  def image_embedding(self, image_tokens: jax.Array) -> jax.Array:
+    """Unit-norm float32 image embeddings [B, embed_dim] from ViT tokens (the CLS token)."""
+    return l2_normalize(self.image_proj(image_tokens[:, 0].astype(jnp.float32)))
+
   def embed_images(self, images: jax.Array) -> jax.Array:
     """Unit-norm float32 image embeddings [B, embed_dim] from the CLS token."""
-    cls = self.encode_image(images)[:, 0].astype(jnp.float32)
-    return l2_normalize(self.image_proj(cls))
+    return self.image_embedding(self.encode_image(images))
 
   def embed_texts(self, tokens: jax.Array) -> jax.Array:
     """Unit-norm float32 text embeddings [B, embed_dim] from position 0 (the [ENC] token)."""
@@ -62,6 +81,29 @@ class Model(nnx.Module):
   def temperature_scale(self) -> jax.Array:
     """exp(logit_scale), with logit_scale clipped to [0, log 100]."""
     return jnp.exp(jnp.clip(self.logit_scale[...], 0.0, math.log(MAX_SCALE)))
+
+  def match_logits(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
+    """ITM logits [B, 2] float32 (index POSITIVE: match) from the fused [ENC] token."""
+    if self.itm_head is None:
+      raise ValueError("text.cross_attention_every is 0: the model has no fusion path")
+    fused = self.text(tokens, image_tokens)[:, 0].astype(jnp.float32)
+    return self.itm_head(fused)
+
+  def decode_states(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Causal decoder hidden states [B, L, width] over `tokens` (which start with [DEC]).
+
+    The input embedding (tokens + positions) is the text tower's.
+    """
+    return self.decoder(self.text.embed_tokens(tokens), tokens, image_tokens)
+
+  def token_logits(self, states: jax.Array) -> jax.Array:
+    """Float32 vocabulary logits [..., vocab], tied to the text tower's token embedding."""
+    return self.text.embed.attend(states.astype(jnp.float32))
+
+  def decode_logits(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Next-token logits [B, L, vocab] float32: logits at t predict token t + 1."""
+    logits = self.token_logits(self.decode_states(image_tokens, tokens))
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
 
   def __call__(self, images: jax.Array, tokens: jax.Array):
     """(image embeddings, text embeddings, logit scale)."""

@@ -1,0 +1,83 @@
+"""The weighted sum of the three objectives for one (micro)batch: what the train step minimises.
+
+Contrast (ITC): softmax InfoNCE (default), SigLIP-style sigmoid, or softmax against a momentum
+feature queue with momentum distillation (`loss.momentum.enabled`). Match (ITM): fused positives
+plus one hard negative text per image and one hard negative image per text, all three kinds of
+pair scored in one batched pass of the fusion path. Reconstruct: the image-conditioned decoder
+predicts the value-span tokens from a caption whose value spans are corrupted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from klip import losses
+from klip import predict
+from klip.model import two_tower
+
+
+def momentum_targets(momentum_model, batch, queues, scale, alpha: float):
+  """Momentum features of the batch and the distillation targets against batch + queue."""
+  zimg_m, _ = predict.embed_images(momentum_model, batch["image"])
+  ztxt_m = predict.embed_texts(momentum_model, batch["tokens"])
+  zimg_m, ztxt_m = jax.lax.stop_gradient((zimg_m, ztxt_m))
+  img_queue, txt_queue = queues
+  sim_i2t = scale * zimg_m @ jnp.concatenate([ztxt_m, txt_queue]).T
+  sim_t2i = scale * ztxt_m @ jnp.concatenate([zimg_m, img_queue]).T
+  return (zimg_m, ztxt_m), losses.distillation_targets(sim_i2t, sim_t2i, alpha)
+
+
+def total(model, batch, rng, config, momentum=None):
+  """Returns (weighted total loss, metrics).
+
+  momentum: None, or (momentum model, (image queue, text queue)) when loss.momentum.enabled;
+  then metrics also carry the momentum features under "_momentum_features" for the enqueue.
+  """
+  cfg = config.loss
+  weights = batch["weight"]
+  tokens, clause = batch["tokens"], batch["clause"]
+  k_neg, k_corrupt = jax.random.split(rng)
+  zimg, image_tokens = predict.embed_images(model, batch["image"])
+  ztxt = predict.embed_texts(model, tokens)
+  scale = model.temperature_scale()
+  metrics = {}
+
+  # ----- contrast -----
+  if momentum is not None:
+    momentum_model, queues = momentum
+    features_m, targets = momentum_targets(momentum_model, batch, queues, scale,
+                                           cfg.momentum.alpha)
+    contrast, m = losses.queue_contrastive(zimg, ztxt, *queues, scale, weights, targets)
+    metrics["_momentum_features"] = features_m
+  elif cfg.contrast_type == "sigmoid":
+    contrast, m = losses.sigmoid_contrastive(zimg, ztxt, scale, model.logit_bias[...], weights)
+  else:
+    contrast, m = losses.contrastive(zimg, ztxt, scale, weights)
+  metrics.update(m)
+  total_loss = cfg.contrast_weight * contrast
+
+  # ----- match -----
+  if cfg.match_weight:
+    sim = zimg @ ztxt.T
+    neg_text, neg_image, has_neg = losses.hard_negatives(k_neg, sim, weights, tokens)
+    b = tokens.shape[0]
+    logits = model.match_logits(
+        jnp.concatenate([image_tokens, image_tokens, image_tokens[neg_image]]),
+        jnp.concatenate([tokens, tokens[neg_text], tokens]))
+    match, m = losses.matching(logits[:b], logits[b:2 * b], logits[2 * b:], weights, has_neg,
+                               two_tower.POSITIVE)
+    metrics.update(m)
+    total_loss += cfg.match_weight * match
+
+  # ----- reconstruct -----
+  if cfg.reconstruct_weight:
+    decoder_input = losses.corrupt_values(k_corrupt, tokens, clause,
+                                          config.model.text.vocab_size)
+    logits = model.decode_logits(image_tokens, decoder_input)
+    recon, m = losses.reconstruction(logits, tokens, clause, weights, cfg.label_smoothing)
+    metrics.update(m)
+    total_loss += cfg.reconstruct_weight * recon
+
+  metrics["loss"] = total_loss
+  return total_loss, metrics

@@ -1,0 +1,106 @@
+"""SCIO in the trainer: the stage schedule, the active and pending tables, the epoch switch.
+
+The input pipeline reads the *active* table. A pass rescores the newest table (pending if one
+is waiting, else active) and leaves its result *pending* until the first batch that starts at
+or after the next epoch boundary (stream position a multiple of the split size; a newer pending
+table replaces a waiting one and keeps its boundary); then the trainer rebuilds its iterator at
+the same position with the new table. A run starts from `scio.initial_table` (a JSON pair
+table, e.g. the SCIO benchmark's planted errors) if set, else from the clean table. Active table, pending
+table and the switch position are saved in the model's checkpoint step (`payload`), so a resumed
+run makes the same switch at the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+
+from klip.scio import rescore
+from klip.scio import table as table_lib
+
+
+def stage_at(step: int, total_steps: int, cfg) -> rescore.Stage:
+  """The SCIO stage of `step`: warm-up, then proofread, then reconstruct (fractions of
+  total_steps)."""
+  if step < cfg.warmup_fraction * total_steps:
+    return rescore.Stage.WARMUP
+  if step < cfg.reconstruct_from_fraction * total_steps:
+    return rescore.Stage.PROOFREAD
+  return rescore.Stage.RECONSTRUCT
+
+
+class Controller:
+  """The trainer's SCIO state. Inert (no table, no pass) when `scio.enabled` is false."""
+
+  def __init__(self, config, source, tokenizer, preprocess, saved: dict | None):
+    """saved: the checkpoint's 'scio' item (`payload()` of the run being resumed) or None."""
+    self._cfg = config.scio
+    self._total_steps = config.total_steps
+    self._max_len = config.model.text.max_len
+    self._source = source
+    self._tokenizer = tokenizer
+    self._preprocess = dataclasses.replace(preprocess, train=False, table=None)
+    self.enabled = bool(self._cfg.enabled)
+    self.pass_seconds = 0.0
+    self.active = self.pending = None
+    self.pending_from = 0
+    if not self.enabled:
+      return
+    dataset = f"{config.data.dataset}:{config.data.split}"
+    if saved is None and self._cfg.initial_table:
+      with open(self._cfg.initial_table) as f:
+        self.active = table_lib.PairTable.from_json(json.load(f))
+      self.active.check(dataset, source)
+      return
+    if saved is None:
+      self.active = table_lib.PairTable.initial(dataset, table_lib.read_ids(source))
+      return
+    self.active = table_lib.PairTable.from_json(saved["active"])
+    self.active.check(dataset, source)
+    if saved["pending"] is not None:
+      self.pending = table_lib.PairTable.from_json(saved["pending"])
+      self.pending.check(dataset, source)
+      self.pending_from = int(saved["pending_from"])
+
+  def view(self) -> table_lib.TableView | None:
+    return self.active.view() if self.enabled else None
+
+  def payload(self) -> dict | None:
+    """The checkpoint item: active and pending tables, and where the pending one starts."""
+    if not self.enabled:
+      return None
+    return {"active": self.active.to_json(),
+            "pending": None if self.pending is None else self.pending.to_json(),
+            "pending_from": self.pending_from}
+
+  def switch(self, examples_seen: int) -> bool:
+    """Activates the pending table once the stream reaches its epoch boundary."""
+    if self.pending is None or examples_seen < self.pending_from:
+      return False
+    self.active, self.pending = self.pending, None
+    return True
+
+  def due(self, step: int) -> bool:
+    return (self.enabled and step % self._cfg.every_steps == 0
+            and stage_at(step, self._total_steps, self._cfg) > rescore.Stage.WARMUP)
+
+  def rescore(self, scorer: rescore.ModelScorer, state, step: int, examples_seen: int,
+              wall_start: float, after_chunk=None) -> dict[str, float]:
+    """Runs the pass of `step` on the newest table; returns its metrics (wall share: of the
+    wall time since `wall_start`, this invocation's start)."""
+    base = self.pending if self.pending is not None else self.active
+    table, result = rescore.run_pass(
+        base, self._source, self._preprocess, self._tokenizer,
+        functools.partial(scorer.score, state), functools.partial(scorer.fill, state),
+        stage=stage_at(step, self._total_steps, self._cfg), cfg=self._cfg,
+        max_len=self._max_len, after_chunk=after_chunk)
+    if self.pending is None:  # the next epoch boundary (or this one); a newer pending table
+      self.pending_from = -(-examples_seen // len(table)) * len(table)  # keeps the old one's
+    self.pending = table
+    self.pass_seconds += result.seconds
+    metrics = result.metrics()
+    metrics.update({"scio/table_version": float(table.version),
+                    "scio/wall_share": self.pass_seconds / max(time.time() - wall_start, 1e-9)})
+    return metrics

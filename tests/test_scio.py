@@ -1,0 +1,341 @@
+"""SCIO: the pair table, its join in the pipeline, the rescoring pass and the trainer's use."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from conftest import smoke_config
+from klip import checkpoint as checkpoint_lib
+from klip import metrics_writer
+from klip import sharding
+from klip import train_state
+from klip.data import dataset as dataset_lib
+from klip.data import pipeline
+from klip.data import schema
+from klip.data import text as text_lib
+from klip.data import tokenizer as tokenizer_lib
+from klip.scio import rescore
+from klip.scio import schedule
+from klip.scio import table as table_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
+            reconstruct_from_fraction=0.5, margin_cosine=0.0, margin_match=0.0,
+            weight_floor=0.5, max_span=6, initial_table="", exit_in_pass_at_step=-1)
+
+
+@pytest.fixture(scope="module")
+def source(data_dir):
+  return dataset_lib.source(data_dir, smoke_config(data_dir).data.dataset, "train")
+
+
+@pytest.fixture(scope="module")
+def tok(source, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+  captions = [schema.structured_text(source[i]).caption for i in range(len(source))]
+  return tokenizer_lib.train(captions, path, 400)
+
+
+def _preprocess(tok, config, **kw):
+  m = config.model
+  return pipeline.Preprocess(tokenizer_path=tok.path, image_size=m.image_size,
+                             channels=m.channels, max_len=m.text.max_len,
+                             db_min=config.data.db_min, db_max=config.data.db_max,
+                             train=False, **kw)
+
+
+def _table(source, data_dir):
+  return table_lib.PairTable.initial(smoke_config(data_dir).data.dataset + ":train",
+                                     table_lib.read_ids(source))
+
+
+# ----- tokenizer ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", range(8))
+def test_encode_caption_skip_leaves_out_exactly_one_clause(source, tok, k):
+  st = schema.structured_text(source[3])
+  ids, clause = tok.encode_caption(st, 1000)  # long enough for every clause
+  ids_k, clause_k = tok.encode_caption(st, 1000, skip=k)
+  clauses = st.caption.split(text_lib.SEPARATOR)
+  expected = text_lib.SEPARATOR.join(c for j, c in enumerate(clauses) if j != k)
+  assert tok.decode(ids_k).split() == tok.decode(
+      tok.encode_pieces(expected.replace(text_lib.SEPARATOR, " "))).split()
+  assert set(clause_k[clause_k >= 0].tolist()) == set(range(8)) - {k}
+  for j in set(range(8)) - {k}:  # every other value span is tokenized exactly as before
+    np.testing.assert_array_equal(ids_k[clause_k == j], ids[clause == j])
+  assert np.sum(ids_k == tokenizer_lib.SEP) == 6 and ids_k[0] == tokenizer_lib.ENC
+  with pytest.raises(ValueError, match="cannot leave out clause 8"):
+    tok.encode_caption(st, 160, skip=8)
+
+
+# ----- table -------------------------------------------------------------------------------------
+def _edited(table):
+  t = table.copy()
+  t.version = 3
+  t.dropped[[1, 5]] = [2, 7]
+  t.weight[1] = 0.625
+  t.scores[1] = (0.1, 0.2, 0.3, 0.4)
+  t.scored_version[1] = 3
+  t.rewrites = {4: {0: "five", 6: "a busy harbour"}}
+  return t
+
+
+def _assert_same(a, b):
+  assert (a.dataset, a.version, a.ids, a.rewrites) == (b.dataset, b.version, b.ids, b.rewrites)
+  for f in ("dropped", "weight", "scores", "scored_version"):
+    np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    assert getattr(a, f).dtype == getattr(b, f).dtype
+
+
+def test_table_round_trips_through_a_checkpoint(source, data_dir, tmp_path):
+  table = _edited(_table(source, data_dir))
+  payload = {"active": table.to_json(), "pending": _table(source, data_dir).to_json(),
+             "pending_from": 128}
+  state = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2, async_save=True)
+  ckpt.save(1, state, {"step": 1})
+  ckpt.save(2, state, {"step": 2}, table=payload)
+  ckpt.wait()
+  assert ckpt.restore_table(1) is None
+  restored = ckpt.restore_table(2)
+  ckpt.close()
+  assert restored["pending_from"] == 128
+  back = table_lib.PairTable.from_json(restored["active"])
+  _assert_same(back, table)
+  back.check(table.dataset, source)
+
+
+def test_table_from_another_dataset_or_schema_is_refused(source, data_dir):
+  table = _table(source, data_dir)
+  with pytest.raises(table_lib.TableMismatchError, match="not 'other:train'"):
+    table.check("other:train", source)
+  shifted = dataclasses.replace(table, ids=table.ids[1:] + table.ids[:1])
+  with pytest.raises(table_lib.TableMismatchError, match="row 0 is example"):
+    shifted.check(table.dataset, source)
+  old = dict(table.to_json(), schema=0)
+  with pytest.raises(table_lib.TableSchemaError, match="schema version 0.*reads version 1"):
+    table_lib.PairTable.from_json(old)
+
+
+# ----- pipeline join -----------------------------------------------------------------------------
+def test_pipeline_joins_rewrites_dropped_clauses_and_weights(source, tok, data_dir):
+  config = smoke_config(data_dir)
+  table = _table(source, data_dir)
+  table.rewrites = {4: {0: "ninety nine"}}
+  table.dropped[5] = 0
+  table.weight[5] = 0.75
+  plain = _preprocess(tok, config)
+  joined = _preprocess(tok, config, table=table.view())
+  rng = np.random.default_rng(0)
+  ex4 = joined.random_map((4, source[4]), rng)
+  assert "ninety nine" in tok.decode(ex4["tokens"][ex4["clause"] == 0])
+  ex5, base5 = joined.random_map((5, source[5]), rng), plain.random_map((5, source[5]), rng)
+  assert 0 not in ex5["clause"] and 0 in base5["clause"] and 1 in ex5["clause"]
+  assert ex5["weight"] == np.float32(0.75) and base5["weight"] == 1.0
+  np.testing.assert_array_equal(ex5["image"], base5["image"])
+  ex6 = joined.random_map((6, source[6]), rng)
+  np.testing.assert_array_equal(ex6["tokens"], plain.random_map((6, source[6]), rng)["tokens"])
+  with pytest.raises(table_lib.TableMismatchError, match="record 7 has id"):
+    joined.random_map((7, source[8]), rng)  # a record the table does not expect at row 7
+
+
+# ----- decisions and bad input -------------------------------------------------------------------
+def test_screen_needs_both_scores_and_takes_the_largest_rise():
+  cosine = np.array([[0.5, 0.6, 0.7, 0.5], [0.5, 0.6, 0.4, 0.5], [0.5, 0.6, 0.5, 0.5]])
+  match = np.array([[0.5, 0.6, 0.7, 0.5], [0.5, 0.5, 0.9, 0.5], [0.5, 0.52, 0.5, 0.5]])
+  np.testing.assert_array_equal(rescore.screen(cosine, match, 0.05, 0.05), [1, -1, -1])
+  np.testing.assert_allclose(rescore.pair_weight(np.array([0.0, 1.0]), 0.5), [0.5, 1.0])
+  np.testing.assert_array_equal(rescore.pass_rows(3, 10, 4), [2, 3, 4, 5])
+  np.testing.assert_array_equal(rescore.pass_rows(3, 10, 0), np.arange(10))
+
+
+def test_bad_captions_are_clear_errors(source, tok):
+  st = schema.structured_text(source[0])
+  short = text_lib.StructuredText(st.family, st.values[:7], st.caption[:st.spans[6][1]],
+                                  st.spans[:7])
+  with pytest.raises(ValueError, match="caption has 7 clauses, the .* schema has 8"):
+    rescore.caption_texts(tok, short, 160)
+  a = st.spans[2][0]
+  empty = dataclasses.replace(st, spans=st.spans[:2] + ((a, a),) + st.spans[3:])
+  with pytest.raises(ValueError, match="clause 2 .* has an empty value span"):
+    rescore.caption_texts(tok, empty, 160)
+  ids, clause, texts = rescore.caption_texts(tok, st, 20)  # later clauses are cut off
+  cut = [k for k in range(8) if not np.any(clause == k)]
+  assert cut and all(np.array_equal(texts[k + 1], ids) for k in cut)
+  assert not np.array_equal(texts[1], ids)
+
+
+def test_stage_schedule_and_epoch_switch(source, tok, data_dir):
+  cfg = ml_collections.ConfigDict(SCIO)
+  stages = [schedule.stage_at(s, 20, cfg) for s in (0, 3, 4, 9, 10, 20)]
+  assert stages == [0, 0, 1, 1, 2, 2]
+  config = smoke_config(data_dir, **{f"scio.{k}": v for k, v in SCIO.items()})
+  ctl = schedule.Controller(config, source, tok, _preprocess(tok, config), saved=None)
+  assert [s for s in range(21) if ctl.due(s)] == [4, 8, 12, 16, 20]
+  ctl.pending, ctl.pending_from = _edited(ctl.active), 128
+  assert not ctl.switch(120) and ctl.switch(128) and ctl.active.version == 3
+  again = schedule.Controller(config, source, tok, _preprocess(tok, config),
+                              saved=json.loads(json.dumps(ctl.payload())))
+  _assert_same(again.active, ctl.active)
+  assert again.pending is None
+
+
+# ----- the pass on a toy problem with planted wrong clauses --------------------------------------
+def _planted(source, n, rate, seed=0):
+  """{row: (clause, wrong value)} for about `rate` of the clauses of the first n records."""
+  rng = np.random.default_rng(seed)
+  values = [schema.structured_text(source[i]) for i in range(len(source))]
+  plants = {}
+  for i in range(n):
+    if rng.random() < rate * 8:
+      st = values[i]
+      k = int(rng.integers(8))
+      others = sorted({v.values[k] for v in values if v.family == st.family} - {st.values[k]})
+      if others:
+        plants[i] = (k, others[int(rng.integers(len(others)))])
+  return values, plants
+
+
+class OracleScorer:
+  """A model stand-in with known preferences: a text scores the fraction of its clauses that
+  are true of the image (both scores), and filling restores the true value."""
+
+  def __init__(self, tok, truth_by_image, max_len):
+    self.tok, self.truth, self.max_len = tok, truth_by_image, max_len
+
+  def _true(self, image):
+    return self.truth[image.tobytes()]
+
+  def score(self, images, texts):
+    out = np.zeros(texts.shape[:2], np.float32)
+    for r, image in enumerate(images):
+      st = self._true(image)
+      clauses = [" ".join((text_lib.PREFIXES[f] + v).split())
+                 for f, v in zip(st.field_names, st.values)]
+      for v, ids in enumerate(texts[r]):
+        text = " ".join(self.tok.decode(ids).split())
+        present = sum(text.count(text_lib.PREFIXES[f].strip()) for f in set(st.field_names))
+        out[r, v] = sum(c in text for c in clauses) / max(present, 1)
+    return out, out.copy()
+
+  def fill(self, images, ids, clause, k):
+    new_ids, new_clause = ids.copy(), clause.copy()
+    for r in np.flatnonzero(k >= 0):
+      new_ids[r], new_clause[r] = self.tok.encode_caption(self._true(images[r]), self.max_len)
+    return new_ids, new_clause
+
+
+def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
+    source, tok, data_dir):
+  config = smoke_config(data_dir)
+  prep = _preprocess(tok, config)
+  values, plants = _planted(source, 64, 0.05)
+  table = _table(source, data_dir)
+  truth = {}
+  for i in range(64):
+    truth[prep.random_map((i, source[i]), None)["image"].tobytes()] = values[i]
+    if i in plants:
+      k, wrong = plants[i]
+      table.rewrites[i] = {k: wrong}  # plant the wrong value through the table's rewrites
+  oracle = OracleScorer(tok, truth, 1000)  # long enough for every clause
+  cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.02,
+                                       margin_match=0.02))
+  proof, result = rescore.run_pass(table, source, prep, tok, oracle.score, oracle.fill,
+                                   stage=rescore.Stage.PROOFREAD, cfg=cfg, max_len=1000)
+  found = {int(i): int(k) for i, k in zip(result.rows, result.flagged) if k >= 0}
+  truth_flags = {i: k for i, (k, _) in plants.items()}
+  hits = sum(found.get(i) == k for i, k in truth_flags.items())
+  precision, recall = hits / max(len(found), 1), hits / max(len(truth_flags), 1)
+  print(f"\nplanted {len(plants)} wrong clauses in 64 pairs: precision {precision:.2f}, "
+        f"recall {recall:.2f}")
+  assert len(plants) >= 8 and precision == 1.0 and recall == 1.0
+  assert proof.version == 1 and all(proof.dropped[i] == k for i, k in truth_flags.items())
+  assert np.all(proof.scored_version[:64] == 1) and np.all(proof.scored_version[64:] == -1)
+  assert np.all(proof.weight[:64] == 1.0)  # the oracle fully agrees with every kept caption
+  assert result.metrics()["scio/flag_rate"] == len(plants) / 64
+  fixed, result = rescore.run_pass(table, source, prep, tok, oracle.score, oracle.fill,
+                                   stage=rescore.Stage.RECONSTRUCT, cfg=cfg, max_len=1000)
+  assert result.rewritten.sum() == len(plants)
+  for i, (k, _) in plants.items():
+    assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
+
+
+# ----- the real model: sharded pass equals unsharded ---------------------------------------------
+def _pass_on_mesh(config, source, tok, dims, devices):
+  mesh = sharding.make_mesh(dict(slice=1, **dims), devices)
+  rules = config.sharding_rules
+  graphdef, state, shardings = train_state.create(config, mesh, rules)
+  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+    scorer = rescore.ModelScorer(graphdef, shardings, mesh, rules, tok, max_span=4)
+    images = np.random.default_rng(0).normal(size=(16, 32, 32, 2)).astype(np.float32)
+    _, _, texts = rescore.caption_texts(tok, schema.structured_text(source[0]), 64)
+    cosine, match = scorer.score(state, images, np.repeat(texts[None], 16, axis=0))
+    table, result = rescore.run_pass(
+        table_lib.PairTable.initial("d", table_lib.read_ids(source)), source,
+        _preprocess(tok, config), tok, lambda i, t: scorer.score(state, i, t), None,
+        stage=rescore.Stage.PROOFREAD, cfg=config.scio, max_len=64)
+  return cosine, match, table, result
+
+
+def test_rescoring_pass_sharded_equals_unsharded(source, tok, data_dir):
+  config = smoke_config(data_dir, **{f"scio.{k}": v for k, v in SCIO.items()})
+  one = _pass_on_mesh(config, source, tok, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  eight = _pass_on_mesh(config, source, tok, dict(data=2, fsdp=2, tensor=2), jax.devices())
+  for a, b in zip(one[:2], eight[:2]):
+    assert a.shape == (16, 9)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(one[2].scores, eight[2].scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(one[3].rows, np.arange(32))
+  assert np.all(one[2].scored_version[:32] == 1)
+
+
+# ----- trainer: metrics, table in the checkpoint, kill inside a pass and resume ------------------
+def _run_cli(workdir, data_dir, *overrides):
+  scio = [f"--config.scio.{k}={v}" for k, v in SCIO.items() if k != "initial_table"]
+  return subprocess.run(
+      [sys.executable, "-m", "klip.train", "--config=configs/pretrain.py:smoke",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *scio, *overrides],
+      cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+      timeout=900)
+
+
+def _final(workdir):
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
+  step = ckpt.latest_step()
+  table = ckpt.restore_table(step)
+  ckpt.close()
+  return checkpoint_lib.read_params(workdir), table
+
+
+@pytest.mark.slow
+def test_killed_in_a_rescoring_pass_and_resumed_equals_uninterrupted(data_dir, tmp_path):
+  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+  common = ["--config.total_steps=20", "--config.checkpoint.every_steps=5"]
+  out = _run_cli(straight, data_dir, *common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  out = _run_cli(broken, data_dir, *common, "--config.scio.exit_in_pass_at_step=12")
+  assert out.returncode == -9, (out.returncode, out.stderr[-3000:])  # SIGKILL inside the pass
+  out = _run_cli(broken, data_dir, *common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (pa, ta), (pb, tb) = _final(straight), _final(broken)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)  # bitwise
+  assert ta == tb and ta["active"]["version"] >= 1  # a table switched at an epoch boundary
+  rows = metrics_writer.read(os.path.join(straight, "metrics.jsonl"))
+  passes = [r for r in rows if "scio/pass_seconds" in r]
+  assert [r["step"] for r in passes] == [4, 8, 12, 16, 20]
+  assert {r["scio/stage"] for r in passes} == {1.0, 2.0}
+  for key in ("scio/flag_rate", "scio/rewrite_rate", "scio/mean_score_change",
+              "scio/wall_share", "contrast/loss", "match/loss", "reconstruct/loss"):
+    assert all(np.isfinite(r[key]) for r in passes), key
+  rb = metrics_writer.read(os.path.join(broken, "metrics.jsonl"))
+  assert [r["loss"] for r in rows] == [r["loss"] for r in rb]
+  assert [r.get("scio/flag_rate") for r in rows] == [r.get("scio/flag_rate") for r in rb]
