@@ -9,8 +9,9 @@ the final table drops it or SCIO rewrote it), reconstruction exact-match accurac
 rewrites against the true values, SCIO's cost per rescored pair and share of wall time, and
 retrieval recall on the test split with and without SCIO.
 
-  # tiny, end to end in about 15 minutes on 2 cores (corpus: configs/pretrain.py's docstring)
-  python -m bench.scio --variant=tiny --out_dir=workdirs/bench_scio_tiny
+  # tiny, shortened: two 150-step runs, about 12 minutes on 2 cores (seen on a loaded machine;
+  # corpus: configs/pretrain.py's docstring)
+  python -m bench.scio --variant=tiny --steps=150 --out_dir=workdirs/bench_scio_tiny
   # the benchmark as specified (small variant, about an hour per run on 2 cores)
   python -m bench.scio --out_dir=workdirs/bench_scio
 """

@@ -298,9 +298,17 @@ def train(config, workdir: str) -> dict:
         last_metrics = read(pending)
       pending = (step, metrics, extras)
       if scio.due(step):
-        extras.update(scio.rescore(
+        result = scio.rescore(
             scorer, state, step, examples_seen, wall_start,
-            after_chunk=kill_in_pass if step == config.scio.exit_in_pass_at_step else None))
+            after_chunk=kill_in_pass if step == config.scio.exit_in_pass_at_step else None)
+        extras.update(result)
+        if is_main:
+          print(f"SCIO pass at step {step} (stage {int(result['scio/stage'])}, table v"
+                f"{int(result['scio/table_version'])}): {int(result['scio/rescored'])} pairs, "
+                f"flagged {result['scio/flag_rate']:.1%}, rewrote {result['scio/rewrite_rate']:.1%}"
+                f", mean score change {result['scio/mean_score_change']:+.4f}, "
+                f"{result['scio/pass_seconds']:.1f} s ({result['scio/wall_share']:.1%} of wall "
+                "time)", flush=True)
       if timed is None and step - first_step == 2:
         timed = (step, time.time())  # exclude compilation from the throughput summary
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
