@@ -23,7 +23,7 @@ demo: venv
 	    --config.data.data_dir=$(DATA_DIR)
 
 test: venv
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -rs --durations=15 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
