@@ -64,6 +64,29 @@ class NonFiniteError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
+# Data: the training split; the embedded synthetic corpus is built on first use.
+# ---------------------------------------------------------------------------------------------
+def _source(d):
+  try:
+    return dataset_lib.source(d.data_dir, d.dataset, d.split)
+  except dataset_lib.DatasetMissingError:
+    builder_name, _, config_name = d.dataset.partition("/")
+    if builder_name != "synthetic" or os.path.isdir(os.path.join(d.data_dir, d.dataset)):
+      raise  # a real archive needs its source; a half-written or corrupt dataset is not rebuilt
+  if jax.process_index() == 0:
+    from klip.data import prepare  # pylint: disable=g-import-not-at-top
+    from klip.data.builders import synthetic  # pylint: disable=g-import-not-at-top
+    print(f"building the embedded corpus {d.dataset} under {d.data_dir} (first use)", flush=True)
+    prepare.prepare("synthetic", d.data_dir,
+                    generator=prepare.make_generator("rules", d.data_dir),
+                    **synthetic.config_options(config_name))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("klip_corpus")
+  return dataset_lib.source(d.data_dir, d.dataset, d.split)
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizer: one per run, kept in the workdir.
 # ---------------------------------------------------------------------------------------------
 def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
@@ -184,7 +207,7 @@ def train(config, workdir: str) -> dict:
 
   # ----- input --------------------------------------------------------------------------------
   d = config.data
-  source = dataset_lib.source(d.data_dir, d.dataset, d.split)
+  source = _source(d)
   tok = _tokenizer(config, workdir, source)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)

@@ -125,10 +125,25 @@ def test_config_typo_fails_at_parse_time_naming_the_key(tmp_path, data_dir):
 
 
 def test_missing_data_dir_says_how_to_build_it(tmp_path):
-  config = smoke_config(str(tmp_path / "nothing_here"))
+  config = smoke_config(str(tmp_path / "nothing_here"), **{"data.dataset": "mstar/depression17"})
   with pytest.raises(dataset_lib.DatasetMissingError,
-                     match=r"python -m klip.data.prepare --dataset=synthetic .*--num_chips=160"):
+                     match=r"python -m klip.data.prepare --dataset=mstar --data_dir="):
     train.train(config, str(tmp_path / "w"))
+
+
+def test_missing_synthetic_message_names_its_options(tmp_path):
+  with pytest.raises(dataset_lib.DatasetMissingError,
+                     match=r"--dataset=synthetic .*--num_chips=160 --image_size=32"):
+    dataset_lib.source(str(tmp_path), "synthetic/n160_s32_c2_seed0", "train")
+
+
+def test_embedded_corpus_is_built_on_first_use(tmp_path, capsys):
+  config = smoke_config(str(tmp_path / "data"), total_steps=1,
+                        **{"data.dataset": "synthetic/n40_s32_c1_seed3"})
+  summary = train.train(config, str(tmp_path / "w"))
+  assert "building the embedded corpus synthetic/n40_s32_c1_seed3" in capsys.readouterr().out
+  assert summary["steps"] == 1
+  assert os.path.isdir(tmp_path / "data" / "synthetic" / "n40_s32_c1_seed3")
 
 
 def test_resume_against_another_dataset_is_refused(smoke_run, data_dir, tmp_path):
