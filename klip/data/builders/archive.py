@@ -1,8 +1,9 @@
 """The TFDS builder shared by the real-archive datasets (opensarship, mstar, manifest).
 
-A dataset module subclasses `ArchiveBuilder` and gives it two methods over its source folder:
-`_split_assignment()`, scene id -> split (from `splits.assign`; cheap: no pixels are decoded),
-and `_chips(scenes)`, the chips of those scenes interleaved with `Skipped` records. Each chip's
+A dataset module subclasses `ArchiveBuilder` and gives it its module's `scene_ids(source)` (cheap:
+no pixels are decoded) and `chips(source, scenes=, workers=)` (the chips of those scenes
+interleaved with `Skipped` records) as `scene_ids_of` and `chips_of`; a dataset with another
+split rule overrides `_split_assignment()` and `_chips(scenes)`. Each chip's
 text comes from the HCoT generator passed in by `prepare`.
 
 Skipped records: filled into `builder.skipped` while the dataset is generated and written to
@@ -50,6 +51,16 @@ class ArchiveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     split_of = self._split_assignment()
     return {s: self._generate_examples(split_of, s) for s in splits.SPLITS
             if s in split_of.values()}
+
+  def _split_assignment(self) -> dict[str, str]:
+    """Scene id -> split over the archive's scenes (`scene_ids_of(source)`)."""
+    cfg = self.builder_config
+    return splits.assign(self.scene_ids_of(cfg.source), cfg.val_fraction, cfg.test_fraction)
+
+  def _chips(self, scenes):
+    """The chips of `scenes` (`chips_of(source, scenes=, workers=)`), with Skipped records."""
+    cfg = self.builder_config
+    return self.chips_of(cfg.source, scenes=scenes, workers=cfg.workers)
 
   def _generate_examples(self, split_of: dict[str, str], split: str):
     scenes = {scene for scene, s in split_of.items() if s == split}

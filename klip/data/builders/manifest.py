@@ -44,7 +44,6 @@ import tensorflow_datasets as tfds
 from klip.data import chip as chip_lib
 from klip.data import knowledge
 from klip.data import schema
-from klip.data import splits
 from klip.data.builders import archive
 from klip.data.builders import geotiff
 from klip.data.builders import sources
@@ -245,13 +244,8 @@ class Manifest(archive.ArchiveBuilder):
   """A lab's own GeoTIFF/PNG chips listed in a JSONL manifest; splits by scene (or city)."""
 
   VERSION = tfds.core.Version(VERSION)
-
-  def _split_assignment(self) -> dict[str, str]:
-    cfg = self.builder_config
-    return splits.assign(scene_ids(cfg.source), cfg.val_fraction, cfg.test_fraction)
-
-  def _chips(self, scenes):
-    return chips(self.builder_config.source, scenes=scenes, workers=self.builder_config.workers)
+  scene_ids_of = staticmethod(scene_ids)
+  chips_of = staticmethod(chips)
 
 
 def builder(data_dir: str, *, source: str, generator, workers: int = 0,

@@ -32,7 +32,6 @@ from collections.abc import Container, Iterator
 import tensorflow_datasets as tfds
 
 from klip.data import chip as chip_lib
-from klip.data import splits
 from klip.data.builders import archive
 from klip.data.builders import sources
 
@@ -295,13 +294,8 @@ class Opensarship(archive.ArchiveBuilder):
   """OpenSARShip Sentinel-1 ship chips (calibrated VV/VH sigma0, dB); splits by scene."""
 
   VERSION = tfds.core.Version(VERSION)
-
-  def _split_assignment(self) -> dict[str, str]:
-    cfg = self.builder_config
-    return splits.assign(scene_ids(cfg.source), cfg.val_fraction, cfg.test_fraction)
-
-  def _chips(self, scenes):
-    return chips(self.builder_config.source, scenes=scenes, workers=self.builder_config.workers)
+  scene_ids_of = staticmethod(scene_ids)
+  chips_of = staticmethod(chips)
 
 
 def builder(data_dir: str, *, source: str, generator, workers: int = 0,
