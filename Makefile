@@ -6,7 +6,7 @@ DATA_DIR ?= data
 DEMO_CHIPS ?= 4000
 DEMO_WORKDIR ?= workdirs/tiny
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo eval test test-fast clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: venv
 	    --num_chips=$(DEMO_CHIPS) --image_size=64 --channels=2 --seed=0
 	$(PY) -m klip.train --config=configs/pretrain.py:tiny --workdir=$(DEMO_WORKDIR) \
 	    --config.data.data_dir=$(DATA_DIR)
+
+eval: venv
+	$(PY) -m evals.run --config=configs/eval.py:tiny --workdir=$(DEMO_WORKDIR) --once \
+	    --config.data_dir=$(DATA_DIR)
 
 test: venv
 	$(PY) -m pytest -q -rs --durations=15 tests

@@ -95,3 +95,29 @@ def read_params(path: str) -> dict:
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), tree)
     state = ckptr.restore(item, target)
   return jax.tree.map(np.asarray, state["model"])
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps under a checkpoints directory whose save has finished, ascending.
+
+  Only finalised step directories count: Orbax writes into a temporary name and renames it
+  when the save is complete, so a step being written is never listed. Nothing is created.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def restore_model(directory: str, step: int, target: dict) -> dict:
+  """The `model` subtree of a saved train state, restored onto `target`'s shardings.
+
+  `target` is the abstract pure dict of the model (ShapeDtypeStructs with shardings, see
+  `abstract_pure`); the optimizer and other items are not read.
+  """
+  item = os.path.join(directory, str(step), "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+        item={"model": target},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"model": target}),
+        partial_restore=True))
+  return restored["model"]

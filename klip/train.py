@@ -67,23 +67,31 @@ class NonFiniteError(RuntimeError):
 # Data: the training split; the embedded synthetic corpus is built on first use.
 # ---------------------------------------------------------------------------------------------
 def _source(d):
+  """The training split of config.data.dataset (a dataset or a "+" mixture)."""
+  for part in dataset_lib.parts(d.dataset):
+    _build_if_embedded(d.data_dir, part)
+  return dataset_lib.source(d.data_dir, d.dataset, d.split)
+
+
+def _build_if_embedded(data_dir: str, name: str) -> None:
+  """Builds a missing embedded synthetic corpus; a real archive needs its source (the error
+  says how to prepare it), and a half-written or corrupt dataset is not rebuilt."""
   try:
-    return dataset_lib.source(d.data_dir, d.dataset, d.split)
+    dataset_lib.dataset_dir(data_dir, name)
+    return
   except dataset_lib.DatasetMissingError:
-    builder_name, _, config_name = d.dataset.partition("/")
-    if builder_name != "synthetic" or os.path.isdir(os.path.join(d.data_dir, d.dataset)):
-      raise  # a real archive needs its source; a half-written or corrupt dataset is not rebuilt
+    builder_name, _, config_name = name.partition("/")
+    if builder_name != "synthetic" or os.path.isdir(os.path.join(data_dir, name)):
+      raise
   if jax.process_index() == 0:
     from klip.data import prepare  # pylint: disable=g-import-not-at-top
     from klip.data.builders import synthetic  # pylint: disable=g-import-not-at-top
-    print(f"building the embedded corpus {d.dataset} under {d.data_dir} (first use)", flush=True)
-    prepare.prepare("synthetic", d.data_dir,
-                    generator=prepare.make_generator("rules", d.data_dir),
+    print(f"building the embedded corpus {name} under {data_dir} (first use)", flush=True)
+    prepare.prepare("synthetic", data_dir, generator=prepare.make_generator("rules", data_dir),
                     **synthetic.config_options(config_name))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("klip_corpus")
-  return dataset_lib.source(d.data_dir, d.dataset, d.split)
 
 
 # ---------------------------------------------------------------------------------------------

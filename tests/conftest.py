@@ -31,12 +31,8 @@ def data_dir(tmp_path_factory):
   return root
 
 
-def smoke_config(data_dir, **overrides):
-  """The `smoke` config pointed at the session corpus, with dotted-key overrides."""
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
-  c = pretrain.get_config("smoke")
-  c.unlock()
-  c.data.data_dir = data_dir
+def _override(c, overrides):
+  """Sets dotted keys of an unlocked ConfigDict, then locks it."""
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -47,6 +43,15 @@ def smoke_config(data_dir, **overrides):
   return c
 
 
+def smoke_config(data_dir, **overrides):
+  """The `smoke` config pointed at the session corpus, with dotted-key overrides."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  c = pretrain.get_config("smoke")
+  c.unlock()
+  c.data.data_dir = data_dir
+  return _override(c, overrides)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(data_dir, tmp_path_factory):
   """A finished `smoke` run (10 steps): (workdir, summary)."""
@@ -54,3 +59,43 @@ def smoke_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke_run"))
   summary = train.train(smoke_config(data_dir), workdir)
   return workdir, summary
+
+
+SHARED_DATA = os.path.join(os.path.dirname(_ROOT), "shared", "data")
+
+
+def eval_config(data_dir, **overrides):
+  """The `smoke` eval config reading the session corpus and ../shared/data, with overrides."""
+  from configs import eval as eval_lib  # pylint: disable=g-import-not-at-top
+  c = eval_lib.get_config("smoke")
+  c.unlock()
+  c.data_dir = data_dir
+  c.source_root = SHARED_DATA
+  return _override(c, overrides)
+
+
+@pytest.fixture(scope="session")
+def smoke_predictor(smoke_run):
+  """The Predictor of the smoke run's last checkpoint on all 8 fake devices."""
+  from evals.predictor import Predictor  # pylint: disable=g-import-not-at-top
+  from klip import sharding  # pylint: disable=g-import-not-at-top
+  workdir, summary = smoke_run
+  mesh = sharding.make_mesh(dict(slice=1, data=-1, fsdp=1, tensor=1))
+  return Predictor.restore(workdir, summary["steps"], mesh=mesh, batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def eval_datasets(smoke_predictor, data_dir):
+  """Datasets of the smoke eval config (real archives are prepared on first use)."""
+  from evals.data import Datasets  # pylint: disable=g-import-not-at-top
+  c = eval_config(data_dir)
+  return Datasets(c.datasets, data_dir=c.data_dir, source_root=c.source_root,
+                  pretrain=smoke_predictor.config.data, max_examples=c.max_examples,
+                  prepare_workers=2)
+
+
+def needs_shared_data(path=""):
+  """Skips (with the reason printed) a test that reads ../shared/data when it is absent."""
+  where = os.path.join(SHARED_DATA, path)
+  return pytest.mark.skipif(not os.path.exists(where),
+                            reason=f"real SAR data not found at {where}")

@@ -188,3 +188,29 @@ def test_worker_processes_deliver_the_same_batches(data_dir, tok):
     got = next(it)
     for k in expected:
       np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_free_text_encoding_matches_the_caption_encoding(data_dir, tok):
+  st = schema.structured_text(dataset_lib.source(data_dir, NAME, "test")[0])
+  ids, _ = tok.encode_caption(st, 64)
+  np.testing.assert_array_equal(tok.encode_text(st.caption, 64), ids)
+  short = tok.encode_text("a SAR image of a ship", 64)
+  assert short[0] == tokenizer_lib.ENC and tokenizer_lib.SEP not in short
+  assert np.all(short[np.flatnonzero(short == tokenizer_lib.PAD)[0]:] == tokenizer_lib.PAD)
+
+
+def test_a_mixture_is_the_concatenation_of_its_parts(data_dir):
+  train = dataset_lib.source(data_dir, NAME, "train")
+  test = dataset_lib.source(data_dir, NAME, "test")
+  both = dataset_lib.ConcatSource([train, test])
+  assert len(both) == len(train) + len(test)
+  assert both[len(train) - 1]["id"] == train[len(train) - 1]["id"]
+  assert both[len(train)]["id"] == test[0]["id"]
+  with pytest.raises(IndexError):
+    both[len(both)]  # pylint: disable=pointless-statement
+  mix = dataset_lib.source(data_dir, f"{NAME}+{NAME}", "test")
+  assert len(mix) == 2 * len(test) and mix[len(test)]["id"] == test[0]["id"]
+  assert dataset_lib.fingerprint(data_dir, f"{NAME}+{NAME}") not in (
+      dataset_lib.fingerprint(data_dir, NAME), "")
+  with pytest.raises(dataset_lib.DatasetMissingError, match="--source="):
+    dataset_lib.source(data_dir, f"{NAME}+mstar/depression17", "test")

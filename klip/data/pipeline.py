@@ -81,9 +81,20 @@ class Preprocess(grain.transforms.RandomMap):
     return tok
 
   def _example(self, index: int, record, rng: np.random.Generator) -> dict:
-    db = schema.decode_image(record)
+    image = self.image(schema.decode_image(record), rng)
+    st, skip, weight = schema.structured_text(record), -1, 1.0
+    if self.table is not None:
+      st, skip, weight = self.table.apply(index, table_lib.example_id(record), st)
+    tokens, clause = self._tokenizer().encode_caption(st, self.max_len, skip=skip)
+    return {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
+            "valid": np.int32(1), "index": np.int32(index)}
+
+  def image(self, db: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The model input [S, S, channels] in [-1, 1] of a dB image [H, W, C]: cropped (randomly
+    in training, centred otherwise) or resampled to S = image_size, clipped to
+    [db_min, db_max]."""
     if db.shape[-1] > self.channels:
-      raise ValueError(f"record has {db.shape[-1]} channels, model takes {self.channels}")
+      raise ValueError(f"image has {db.shape[-1]} channels, model takes {self.channels}")
     db = self._fit(db, rng)
     if self.train and self.gain_db:
       db = db + rng.uniform(-self.gain_db, self.gain_db)
@@ -91,12 +102,7 @@ class Preprocess(grain.transforms.RandomMap):
     x = 2.0 * x - 1.0
     image = np.zeros((self.image_size, self.image_size, self.channels), np.float32)
     image[..., :x.shape[-1]] = x  # a single-polarisation chip leaves the second channel at 0
-    st, skip, weight = schema.structured_text(record), -1, 1.0
-    if self.table is not None:
-      st, skip, weight = self.table.apply(index, table_lib.example_id(record), st)
-    tokens, clause = self._tokenizer().encode_caption(st, self.max_len, skip=skip)
-    return {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
-            "valid": np.int32(1), "index": np.int32(index)}
+    return image
 
   def _fit(self, db: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Crops (random in training, centred otherwise) or resamples to image_size.

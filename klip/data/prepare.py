@@ -6,6 +6,9 @@
     python -m klip.data.prepare --dataset=mstar --source=../shared/data/mstar/train --data_dir=data
     python -m klip.data.prepare --dataset=manifest --source=my_archive/manifest.jsonl \
         --data_dir=data
+    # full scenes with boxes / land-cover masks, for the detection and segmentation evaluators:
+    python -m klip.data.prepare --dataset=hrsid --source=../shared/data/hrsid_samples
+    python -m klip.data.prepare --dataset=polsf --source=../shared/data/polsf
     # texts from an OpenAI-compatible server instead of the offline rules:
     python -m klip.data.prepare --dataset=mstar --source=... --backend=llm \
         --llm_url=http://localhost:8000/v1 --llm_model=MODEL
@@ -28,10 +31,10 @@ from klip.data import report as report_lib
 
 _DATASET = flags.DEFINE_string("dataset", "synthetic",
                                "Builder module in klip.data.builders: synthetic, opensarship, "
-                               "mstar, manifest.")
+                               "mstar, manifest, hrsid, polsf.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data", "Root directory of prepared datasets.")
 _SOURCE = flags.DEFINE_string("source", None, "Real archives: the source folder (opensarship, "
-                              "mstar) or manifest JSONL file (manifest).")
+                              "mstar, hrsid, polsf) or manifest JSONL file (manifest).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Worker processes (0: all cores).")
 _NUM_CHIPS = flags.DEFINE_integer("num_chips", 1000, "synthetic: number of chips (all splits).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "synthetic: chip size in pixels.")

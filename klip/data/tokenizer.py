@@ -53,6 +53,15 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids if int(i) > SEP])
 
+  def encode_text(self, text: str, max_len: int) -> np.ndarray:
+    """[ENC] + tokens of free text (a prompt, a generated caption), the field separator as
+    [SEP], padded/truncated to max_len: int32 [max_len]."""
+    ids = [ENC]
+    for j, part in enumerate(text.split(text_lib.SEPARATOR)):
+      ids.extend(([SEP] if j else []) + self.encode_pieces(part))
+    ids = ids[:max_len]
+    return np.asarray(ids + [PAD] * (max_len - len(ids)), np.int32)
+
   def encode_caption(self, st: text_lib.StructuredText, max_len: int, skip: int = -1):
     """[ENC] + caption tokens (separator as [SEP]), padded/truncated to max_len.
 

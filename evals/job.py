@@ -1,0 +1,133 @@
+"""The eval job's machinery: evaluate one checkpoint step with every evaluator, keep the
+ledger, metrics, TensorBoard events and reports. `evals/run.py` is its command line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+import traceback
+
+import jax
+
+from evals import artifacts as artifacts_lib
+from evals import data as data_lib
+from evals import ledger as ledger_lib
+from evals import report as report_lib
+from evals.predictor import Predictor, run_config
+from klip import checkpoint as checkpoint_lib
+from klip import sharding
+from klip.data import dataset as dataset_lib
+
+
+def run_evaluators(config, predictor: Predictor, datasets: data_lib.Datasets,
+                   directory: str, only=None) -> list[report_lib.Outcome]:
+  """Runs each evaluator of `config.evals` on one checkpoint; never raises for one of them."""
+  outcomes = []
+  names = [n for n in config.evals if not only or n in only]
+  for i, name in enumerate(names):
+    entry = dict(config.evals[name])
+    kind = entry.pop("type")
+    art = artifacts_lib.Artifacts(directory, name)
+    start = time.time()
+    print(f"[step {predictor.step}] ({i + 1}/{len(names)}) {name} ({kind}) ...", flush=True)
+    try:
+      module = importlib.import_module(kind if "." in kind else f"evals.{kind}")
+      metrics = dict(module.Evaluator(predictor, datasets, **entry).run(art))
+      outcome = report_lib.Outcome(name, kind, "ok", time.time() - start, metrics)
+    except dataset_lib.DatasetMissingError as e:
+      outcome = report_lib.Outcome(name, kind, "skipped", time.time() - start,
+                                   detail=str(e).splitlines()[0])
+    except Exception:  # pylint: disable=broad-except
+      outcome = report_lib.Outcome(name, kind, "failed", time.time() - start,
+                                   detail=traceback.format_exc())
+    outcome.markdown = art.markdown
+    outcomes.append(outcome)
+    shown = ", ".join(f"{k}={v}" for k, v in report_lib.with_intervals(outcome.metrics)[:3])
+    detail = shown if outcome.status == "ok" else outcome.detail.strip().splitlines()[-1][:160]
+    print(f"[step {predictor.step}]     {name}: {outcome.status} in {outcome.seconds:.1f} s"
+          f"{': ' + detail if detail else ''}", flush=True)
+  return outcomes
+
+
+class Job:
+  """One eval config watching one training workdir."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.eval_dir = os.path.join(self.workdir, "eval")
+    self.checkpoints = os.path.join(self.workdir, "checkpoints")
+    self.ledger = ledger_lib.Ledger(os.path.join(self.eval_dir, "ledger.json"))
+    self.metrics_path = os.path.join(self.eval_dir, "metrics.jsonl")
+    self.mesh = sharding.make_mesh(config.mesh)
+    self._tb = None
+    self._datasets = None
+
+  def pending(self) -> list[int]:
+    return [s for s in checkpoint_lib.complete_steps(self.checkpoints) if s not in self.ledger]
+
+  def evaluate(self, step: int, only=None) -> dict | None:
+    """Evaluates one step; returns its metrics row, or None if the checkpoint did not restore."""
+    start = time.time()
+    try:
+      predictor = Predictor.restore(self.workdir, step, mesh=self.mesh,
+                                    batch_size=self.config.batch_size)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"[step {step}] checkpoint did not restore ({type(e).__name__}: {e}); not marked "
+            "done, retried at the next poll", flush=True)
+      return None
+    train_cfg = predictor.config
+    if self._datasets is None:  # records are read once and kept for the later steps
+      self._datasets = data_lib.Datasets(
+          self.config.datasets, data_dir=self.config.data_dir,
+          source_root=self.config.source_root, pretrain=train_cfg.data,
+          max_examples=self.config.max_examples)
+    datasets = self._datasets
+    directory = os.path.join(self.eval_dir, f"step_{step}")
+    outcomes = run_evaluators(self.config, predictor, datasets, directory, only)
+    row = {"step": step, "time": time.time(), "seconds": time.time() - start,
+           "metrics": {f"{o.name}/{k}": v for o in outcomes for k, v in o.metrics.items()},
+           "skipped": {o.name: o.detail for o in outcomes if o.status == "skipped"},
+           "failed": {o.name: o.detail for o in outcomes if o.status == "failed"},
+           "evaluator_seconds": {o.name: round(o.seconds, 2) for o in outcomes}}
+    report = report_lib.write_step(directory, step, outcomes, {
+        "workdir": self.workdir, "training variant": train_cfg.get("variant", "?"),
+        "devices": f"{jax.device_count()} ({jax.devices()[0].platform})",
+        "wall time": f"{row['seconds']:.0f} s"})
+    self._append(row)
+    report_lib.write_index(self.eval_dir, self.rows())
+    if not only:
+      self.ledger.mark(step, seconds=round(row["seconds"], 1), failed=sorted(row["failed"]),
+                       skipped=sorted(row["skipped"]))
+    print(f"[step {step}] done in {row['seconds']:.0f} s: {len(outcomes)} evaluators, "
+          f"{len(row['skipped'])} skipped, {len(row['failed'])} failed; report {report}",
+          flush=True)
+    return row
+
+  def rows(self) -> list[dict]:
+    """The latest metrics row of each evaluated step."""
+    if not os.path.exists(self.metrics_path):
+      return []
+    with open(self.metrics_path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    return list({r["step"]: r for r in rows}.values())
+
+  def _append(self, row: dict) -> None:
+    os.makedirs(self.eval_dir, exist_ok=True)
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(self.eval_dir, "tb"))
+    for name, value in row["metrics"].items():
+      self._tb.add_scalar(name, value, row["step"])
+    self._tb.flush()
+
+  def last_step(self) -> int:
+    return int(run_config(self.workdir).total_steps)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

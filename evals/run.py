@@ -1,0 +1,79 @@
+r"""The eval job: evaluates a training run's Orbax checkpoints, separately from training.
+
+  python -m evals.run --config=configs/eval.py:tiny --workdir=workdirs/tiny          # watch
+  python -m evals.run --config=configs/eval.py:tiny --workdir=workdirs/tiny --once   # what is there
+  python -m evals.run --config=configs/eval.py:tiny --workdir=workdirs/tiny --once --step=400
+
+It lists the finished steps of DIR/checkpoints (Orbax renames a step directory only once its
+save is complete, so a step being written is never read), evaluates each step not yet in the
+ledger (DIR/eval/ledger.json) with every evaluator of the config, and writes
+DIR/eval/metrics.jsonl (one line per step), TensorBoard events (DIR/eval/tb) and reports
+(DIR/eval/step_N/report.md, DIR/eval/report.md). Watching ends once the run's last step
+(config.json total_steps) is evaluated. It runs beside a training process on the same workdir,
+on its own device count and mesh (one process).
+
+Faults: a missing eval dataset makes that evaluator "skipped: <reason>" and the others run; an
+evaluator that raises is recorded with its traceback and the job goes on; a checkpoint that
+fails to restore is logged, not entered in the ledger, and retried at the next poll.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from evals.job import Job
+from klip import checkpoint as checkpoint_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (path:variant).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_ONCE = flags.DEFINE_bool("once", False, "Evaluate the finished steps not yet evaluated, then "
+                          "exit (default: keep watching until the run's last step).")
+_STEP = flags.DEFINE_integer("step", None, "Evaluate only this step (again, if it was done).")
+_ONLY = flags.DEFINE_list("only", None, "Run only these evaluators (names in config.evals).")
+
+
+def main(argv):
+  del argv
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  config = _CONFIG.value
+  job = Job(config, _WORKDIR.value)
+  print(f"evaluating {job.workdir} with {len(config.evals)} evaluators on "
+        f"{jax.device_count()} devices (mesh {dict(job.mesh.shape)}); output in {job.eval_dir}",
+        flush=True)
+  try:
+    if _STEP.value is not None:
+      if _STEP.value not in checkpoint_lib.complete_steps(job.checkpoints):
+        raise app.UsageError(f"no finished checkpoint at step {_STEP.value} in "
+                             f"{job.checkpoints} (finished: "
+                             f"{checkpoint_lib.complete_steps(job.checkpoints)})")
+      if job.evaluate(_STEP.value, _ONLY.value) is None:
+        raise SystemExit(1)
+      return
+    while True:
+      for step in job.pending():
+        job.evaluate(step, _ONLY.value)
+      if _ONCE.value:
+        break
+      if job.last_step() in job.ledger:
+        print(f"step {job.last_step()} (the run's last) is evaluated: done", flush=True)
+        break
+      time.sleep(config.poll_seconds)
+  finally:
+    job.close()
+  print(f"ledger: {job.ledger.done}; report: {os.path.join(job.eval_dir, 'report.md')}",
+        flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
