@@ -6,7 +6,7 @@ DATA_DIR ?= data
 DEMO_CHIPS ?= 4000
 DEMO_WORKDIR ?= workdirs/tiny
 
-.PHONY: venv demo eval test test-fast clean
+.PHONY: venv demo eval test test-fast clean bench
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Benchmarks B1-B6 (bench/README.md). The open_clip side runs in .venv-bench (PyTorch, about
+# 5.6 GB), created here when missing or older than requirements-bench.txt; never by `make test`.
+# BENCH_ARGS=--quick for one round of each.
+bench: venv
+	@if [ ! -f .venv-bench/.installed ] || [ requirements-bench.txt -nt .venv-bench/.installed ]; then \
+	  $(PYTHON) -m venv .venv-bench && \
+	  .venv-bench/bin/python -m pip install -q --upgrade pip && \
+	  .venv-bench/bin/python -m pip install -q -r requirements-bench.txt && \
+	  touch .venv-bench/.installed; fi
+	PYTHONPATH=. $(PY) -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_WORKDIR) .cache .pytest_cache

@@ -27,6 +27,7 @@ from flax.core import spmd as core_spmd
 from klip import sharding
 from klip import train  # defines --config, whose train step this compiles
 from klip import train_state
+from klip import train_step
 from klip.data import pipeline
 
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices (CPU estimate).")
@@ -81,7 +82,7 @@ def compile_step(config, devices):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
     batch = batch_specs(config, mesh, rules)
-    step_fn = jax.jit(train.make_train_step(config, graphdef),
+    step_fn = jax.jit(train_step.make_train_step(config, graphdef),
                       in_shardings=(shardings, {k: v.sharding for k, v in batch.items()},
                                     replicated),
                       out_shardings=(shardings, replicated), donate_argnums=0)

@@ -18,7 +18,6 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
@@ -29,17 +28,15 @@ from ml_collections import config_flags
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
 from klip import init_from
-from klip import objectives
 from klip import metrics_writer
-from klip import optim
 from klip import provenance
 from klip import sharding
 from klip import train_state
+from klip.train_step import make_train_step
 from klip.data import dataset as dataset_lib
 from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
-from klip.model import two_tower
 from klip.scio import rescore as scio_rescore
 from klip.scio import schedule as scio_schedule
 
@@ -117,76 +114,6 @@ def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
     raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces, more than "
                      f"model.text.vocab_size={config.model.text.vocab_size}")
   return tok
-
-
-# ---------------------------------------------------------------------------------------------
-# The train step: one jitted function, explicit shardings, donated state.
-# ---------------------------------------------------------------------------------------------
-def make_train_step(config, graphdef):
-  accum = config.grad_accum_steps
-  base_key = jax.random.key(config.seed)
-  mcfg = config.loss.momentum
-
-  def loss_and_grads(model, batch, rng, momentum):
-    mgraph, params = nnx.split(model)
-
-    def loss_fn(p, mb):
-      return objectives.total(nnx.merge(mgraph, p), mb, rng, config, momentum)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum == 1:
-      return grad_fn(params, batch)
-    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]),
-                         batch)
-
-    def body(carry, mb):
-      (loss, metrics), grads = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
-
-    zero = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-    total, _ = jax.lax.scan(body, zero, micro)
-    return jax.tree.map(lambda x: x / accum, total)
-
-  def update_momentum(ts, features):
-    """EMA of the model into the momentum encoders; the batch's momentum features enqueued."""
-    params = nnx.state(ts.model, nnx.Param)
-    ema = jax.tree.map(lambda m, p: mcfg.decay * m + (1 - mcfg.decay) * p,
-                       nnx.state(ts.momentum, nnx.Param), params)
-    nnx.update(ts.momentum, ema)
-    ptr = ts.queue_ptr[...]
-    for queue, feats in ((ts.image_queue, features[0]), (ts.text_queue, features[1])):
-      queue[...] = jax.lax.dynamic_update_slice(queue[...], feats.astype(queue.dtype), (ptr, 0))
-    ts.queue_ptr[...] = (ptr + features[0].shape[0]) % mcfg.queue_size
-
-  def train_step(state, batch, step):
-    # copy=True: the optimizer updates Variables in place, and `state` must stay the old value.
-    ts = nnx.merge(graphdef, state, copy=True)
-    rng = jax.random.fold_in(base_key, step)
-    momentum = ((ts.momentum, (ts.image_queue[...], ts.text_queue[...])) if mcfg.enabled
-                else None)
-    (loss, metrics), grads = loss_and_grads(ts.model, batch, rng, momentum)
-    features = metrics.pop("_momentum_features", None)
-    if config.debug.nonfinite_at_step >= 0:  # fault hook for tests
-      loss = jnp.where(step == config.debug.nonfinite_at_step, jnp.nan, loss)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    lr = optim.schedule(config)(ts.optimizer.step[...])
-    ts.optimizer.update(ts.model, grads)
-    if mcfg.enabled:
-      update_momentum(ts, features)
-    # A non-finite update is skipped: every array keeps its old value, the counter counts it.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state(ts), state)
-    ts = nnx.merge(graphdef, new_state)
-    ts.nonfinite[...] = ts.nonfinite[...] + (~finite).astype(jnp.int32)
-    new_state = nnx.state(ts)
-    params = nnx.state(ts.model, nnx.Param)
-    metrics.update({"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-                    "learning_rate": lr, "nonfinite_updates": ts.nonfinite[...],
-                    "data/valid": jnp.sum(batch["valid"])})
-    return new_state, metrics
-
-  return train_step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Iterable
 
 import numpy as np
-import sentencepiece as spm
 
 from klip.data import text as text_lib
 
@@ -34,6 +33,7 @@ class Tokenizer:
     self.path = path
     with open(path, "rb") as f:
       self._proto = f.read()
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top  (the step needs only ids)
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     got = tuple(self._sp.id_to_piece(i) for i in (ENC, DEC, MASK, SEP))
     if self._sp.pad_id() != PAD or self._sp.unk_id() != UNK or got != SPECIALS:
@@ -122,6 +122,7 @@ def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) ->
     if not n:
       raise ValueError("cannot train a tokenizer on an empty corpus")
     model = io.BytesIO()
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
         input=corpus, model_writer=model, vocab_size=vocab_size, model_type="bpe",

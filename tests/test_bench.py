@@ -1,0 +1,69 @@
+"""Quick checks of the benchmark machinery (no timings: benchmarks never run in tests).
+
+The analytic FLOP counter (bench/flops.py) must describe what XLA compiles: on the `smoke`
+config its count of the train step's matmul FLOPs agrees with the dots of the compiled step.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import common
+from bench import flops
+from tests.conftest import smoke_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_hlo_counter_weights_loops_by_trip_count():
+  w = jnp.ones((32, 32))
+
+  def f(x):
+    y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)
+    return jnp.sum(jnp.tanh(y @ w))
+
+  compiled = jax.jit(jax.grad(f)).lower(jnp.ones((8, 32))).compile()
+  counted = flops.compiled_flops(compiled)["matmul"]
+  # forward: 6 dots (5 in the loop); backward: one input-gradient dot each (w is constant)
+  assert counted == 12 * 2 * 8 * 32 * 32
+
+
+def test_hlo_counter_convolution():
+  def f(x, k):
+    return jax.lax.conv_general_dilated(x, k, (4, 4), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  compiled = jax.jit(f).lower(jnp.ones((2, 16, 16, 3)), jnp.ones((4, 4, 3, 8))).compile()
+  assert flops.compiled_flops(compiled)["matmul"] == 2 * (2 * 4 * 4 * 8) * (4 * 4 * 3)
+
+
+@pytest.mark.parametrize("objectives", ["full", "contrast"])
+def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
+  overrides = {} if objectives == "full" else {
+      "loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
+      "model.text.cross_attention_every": 0, "model.decoder.depth": 1}
+  config = smoke_config(data_dir, **overrides)
+  step = common.ProjectStep(config, devices=jax.devices()[:1])
+  step.compile()
+  counted = flops.compiled_flops(step.compiled)["matmul"]
+  count = (flops.full_step(config) if objectives == "full"
+           else flops.contrast_step(config.model, config.batch_size))
+  assert counted == pytest.approx(count.train_total, rel=0.02)
+
+
+def test_gpu_step_imports_no_data_stack():
+  """The GPU host has no grain/tfds/sentencepiece: the step's import chain must not need them."""
+  code = ("from bench import gpu_step; gpu_step.install_guard()\n"
+          "from bench import common, flops\n"
+          "from klip import train_state, train_step\n"
+          "try:\n  import grain\nexcept ImportError as e:\n  print('blocked', e)\n")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr
+  assert "blocked" in out.stdout
+  assert "sentencepiece" not in out.stderr
