@@ -72,9 +72,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       # image-text retrieval both ways, ITM re-ranking of the top rerank_k
       retrieval=dict(type="retrieval", data="synthetic", split="test", rerank_k=16),
       captioning=dict(type="captioning", data="synthetic", split="test", beam_size=1,
-                      max_span=40, max_examples=64),
-      vqa=dict(type="vqa", data="synthetic", split="test", answers_split="val"),
-      counting=dict(type="counting", data="synthetic", split="test", answers_split="val"),
+                      max_span=40, max_examples=32),
+      # closed-set answers ranked by the match head ("match") or decoder likelihood ("decoder")
+      vqa=dict(type="vqa", data="synthetic", split="test", answers_split="val", scorer="match"),
+      counting=dict(type="counting", data="synthetic", split="test", answers_split="val",
+                    scorer="match"),
       detection_synthetic=dict(type="detection", data="synthetic", train_split="val",
                                split="test", epochs=60, seed=0),
       detection_hrsid=dict(type="detection", data="hrsid", train_split="train", split="test",
@@ -84,6 +86,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       segmentation_polsf=dict(type="segmentation", data="polsf", train_split="train",
                               split="test", epochs=60, seed=0),
   )
+  if variant == "small":  # small pretrains on MSTAR's train split: probes learn on its val split
+    c.evals.probe_mstar.train_split = c.evals.knn_mstar.train_split = "val"
   if variant == "smoke":
     c.max_examples = 48
     c.batch_size = 16

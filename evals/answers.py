@@ -19,10 +19,13 @@ clause template of the field that states it, spelled as the HCoT rules writer sp
 are located at the top left of the image". A candidate with several spellings (a category's
 singular and plural noun) scores the mean over them.
 
-The model's answer is the candidate with the highest ITM match probability with the image;
-ties go to the higher mean cosine similarity of the image and text embeddings, and any left
-to a uniform draw (fixed seed), so a model that cannot tell the candidates apart scores the
-chance level: the mean over questions of (right answers / candidates).
+The model's answer is the candidate with the highest score (`scorer`): "match", the ITM match
+probability with the image, or "decoder", the image-conditioned decoder's log-likelihood of the
+candidate text (`klip.predict.text_logprob`: how BLIP ranks closed-set VQA answers; the clause
+prefix is common to all candidates, so this ranks the values). Ties go to the higher mean
+cosine similarity of the image and text embeddings, and any left to a uniform draw (fixed
+seed), so a model that cannot tell the candidates apart scores the chance level: the mean over
+questions of (right answers / candidates).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from klip.hcot import rules
 
 Answer = int | str
 TOKEN_BLOCK = 16  # candidate texts are cut to a multiple of this many tokens
+SCORERS = ("match", "decoder")
 
 
 # ----- ground truth ----------------------------------------------------------------------------
@@ -120,11 +124,11 @@ def candidates(question: Question, *splits: data_lib.Split) -> list[Answer]:
 
 
 # ----- answering -------------------------------------------------------------------------------
-def choose(prob: np.ndarray, cosine: np.ndarray, *, seed: int = 0) -> np.ndarray:
-  """Index [N] of each row's answer among K candidates: the highest match probability
-  prob [N, K], ties by the higher cosine [N, K], then uniformly at random (fixed seed)."""
-  draw = np.random.default_rng(seed).random(prob.shape)
-  return np.lexsort((draw, cosine, prob), axis=-1)[:, -1]
+def choose(score: np.ndarray, cosine: np.ndarray, *, seed: int = 0) -> np.ndarray:
+  """Index [N] of each row's answer among K candidates: the highest score [N, K], ties by
+  the higher cosine [N, K], then uniformly at random (fixed seed)."""
+  draw = np.random.default_rng(seed).random(score.shape)
+  return np.lexsort((draw, cosine, score), axis=-1)[:, -1]
 
 
 def trim(tokens: np.ndarray) -> np.ndarray:
@@ -138,17 +142,21 @@ def trim(tokens: np.ndarray) -> np.ndarray:
 
 
 def answer(predictor, question: Question, options: Sequence[Answer], image_tokens: np.ndarray,
-           image_embedding: np.ndarray) -> np.ndarray:
+           image_embedding: np.ndarray, scorer: str = "match") -> np.ndarray:
   """Index [N] into `options` of the answer to `question` about each of N images, given their
-  image tokens [N, 1 + P, W] and unit embeddings [N, E] (one ITM pass per candidate text)."""
+  image tokens [N, 1 + P, W] and unit embeddings [N, E] (one scoring pass per candidate text)."""
+  if scorer not in SCORERS:
+    raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
   texts = [question.texts(o) for o in options]
   owner = np.repeat(np.arange(len(options)), [len(t) for t in texts])
   tokens = trim(predictor.tokens([t for ts in texts for t in ts]))  # [T, L]
   n = len(image_tokens)
   cosine = image_embedding @ predictor.embed_texts(tokens).T  # [N, T]
-  prob = np.stack([predictor.match_prob(image_tokens, np.repeat(t[None], n, axis=0))
-                   for t in tokens], axis=1)
-  return choose(_group_mean(prob, owner, len(options)), _group_mean(cosine, owner, len(options)))
+  score_fn = predictor.match_prob if scorer == "match" else predictor.text_logprob
+  score = np.stack([score_fn(image_tokens, np.repeat(t[None], n, axis=0)) for t in tokens],
+                   axis=1)
+  return choose(_group_mean(score, owner, len(options)),
+                _group_mean(cosine, owner, len(options)))
 
 
 def _group_mean(x: np.ndarray, owner: np.ndarray, k: int) -> np.ndarray:
@@ -185,13 +193,14 @@ class Answers(NamedTuple):
 
 
 def ask(predictor, question: Question, split: data_lib.Split, reference: data_lib.Split,
-        side: Images) -> Answers | None:
+        side: Images, scorer: str = "match") -> Answers | None:
   """`question` answered about every record of `split` that has ground truth for it, the
-  candidates taken from `reference` and `split`; None when no record has."""
+  candidates taken from `reference` and `split` and ranked by `scorer`; None when no record
+  has."""
   truth = question.truth(split)
   rows = np.array([i for i, a in enumerate(truth) if a], np.int64)
   if not rows.size:
     return None
   options = candidates(question, reference, split)
-  index = answer(predictor, question, options, side.tokens[rows], side.embedding[rows])
+  index = answer(predictor, question, options, side.tokens[rows], side.embedding[rows], scorer)
   return Answers(rows, [truth[i] for i in rows], options, [options[i] for i in index])

@@ -54,10 +54,11 @@ class Evaluator:
   """Count accuracy and error on the target chips of `split` of dataset `data`."""
 
   def __init__(self, predictor, datasets, *, data: str, split: str, answers_split: str,
-               max_examples: int | None = None):
+               scorer: str = "match", max_examples: int | None = None):
     self.predictor = predictor
     self.datasets = datasets
     self.data, self.split, self.answers_split = data, split, answers_split
+    self.scorer = scorer
     self.max_examples = max_examples
 
   def run(self, artifacts) -> Iterator[tuple[str, float]]:
@@ -65,7 +66,7 @@ class Evaluator:
     reference = self.datasets.split(self.data, self.answers_split)
     question = answers_lib.QUESTIONS["count"]
     result = answers_lib.ask(self.predictor, question, split, reference,
-                             answers_lib.images(self.predictor, split))
+                             answers_lib.images(self.predictor, split), self.scorer)
     if result is None:
       raise ValueError(f"{self.data}:{self.split} has no chip with a known count")
     true = np.array([min(r) for r in result.right])

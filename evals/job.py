@@ -107,12 +107,20 @@ class Job:
     return row
 
   def rows(self) -> list[dict]:
-    """The latest metrics row of each evaluated step."""
+    """One row per evaluated step: its rows merged in order (a later evaluation of the same
+    evaluator, e.g. an `--only` rerun, replaces that evaluator's metrics and status)."""
     if not os.path.exists(self.metrics_path):
       return []
+    merged: dict[int, dict] = {}
     with open(self.metrics_path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-    return list({r["step"]: r for r in rows}.values())
+      for row in (json.loads(line) for line in f if line.strip()):
+        into = merged.setdefault(row["step"], {"step": row["step"], "metrics": {},
+                                               "skipped": {}, "failed": {}})
+        names = set(row.get("evaluator_seconds", {}))
+        for part in ("metrics", "skipped", "failed"):
+          into[part] = {k: v for k, v in into[part].items() if k.split("/")[0] not in names}
+          into[part].update(row[part])
+    return list(merged.values())
 
   def _append(self, row: dict) -> None:
     os.makedirs(self.eval_dir, exist_ok=True)

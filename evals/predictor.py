@@ -162,6 +162,14 @@ class Predictor:
     tokens = texts if isinstance(texts, np.ndarray) else self.tokens(texts)
     return self._batched(_match_prob, image_tokens, tokens)
 
+  def text_logprob(self, image_tokens: np.ndarray, texts: Sequence[str] | np.ndarray
+                   ) -> np.ndarray:
+    """Decoder log-likelihood [P] of text p given the image of image_tokens[p] (free texts, or
+    text-tower tokens [P, L] whose [ENC] is replaced by [DEC])."""
+    tokens = np.array(texts if isinstance(texts, np.ndarray) else self.tokens(texts))
+    tokens[:, 0] = tokenizer_lib.DEC
+    return self._batched(_text_logprob, image_tokens, tokens)
+
   def logit_scale(self) -> float:
     """The learned contrastive temperature scale (multiplies cosine similarities)."""
     return float(self.model.temperature_scale())
@@ -192,6 +200,11 @@ def _image_tokens(model, images):
 @nnx.jit
 def _embed_texts(model, tokens):
   return predict.embed_texts(model, tokens)
+
+
+@nnx.jit
+def _text_logprob(model, image_tokens, tokens):
+  return predict.text_logprob(model, image_tokens, tokens)
 
 
 @nnx.jit

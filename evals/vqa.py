@@ -1,10 +1,10 @@
 """Visual question answering over the structured fields of the synthetic corpus.
 
 Every question type of `evals.answers` (count, category, position, landform, function) is
-asked of every chip of `split` that has ground truth for it and answered closed-set by ITM
-matching of one-clause candidate texts (see `evals.answers`). Metrics, per type and pooled
-over all questions: `accuracy` with its 95 % bootstrap interval, `chance` (the accuracy of a
-uniform guess among the candidates) and the number of `questions`.
+asked of every chip of `split` that has ground truth for it and answered closed-set: the
+one-clause candidate text that `scorer` ranks first (see `evals.answers`). Metrics, per type
+and pooled over all questions: `accuracy` with its 95 % bootstrap interval, `chance` (the
+accuracy of a uniform guess among the candidates) and the number of `questions`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ class Evaluator:
   """VQA accuracy on `split` of dataset `data`, candidates from `answers_split` and `split`."""
 
   def __init__(self, predictor, datasets, *, data: str, split: str, answers_split: str,
-               max_examples: int | None = None):
+               scorer: str = "match", max_examples: int | None = None):
     self.predictor = predictor
     self.datasets = datasets
     self.data, self.split, self.answers_split = data, split, answers_split
+    self.scorer = scorer
     self.max_examples = max_examples
 
   def run(self, artifacts) -> Iterator[tuple[str, float]]:
@@ -40,7 +41,8 @@ class Evaluator:
     ids = split.ids
     correct, chance, table, examples = [], [], [], []
     for name, question in answers_lib.QUESTIONS.items():
-      result = answers_lib.ask(self.predictor, question, split, reference, side)
+      result = answers_lib.ask(self.predictor, question, split, reference, side,
+                               self.scorer)
       if result is None:
         artifacts.text(f"No `{name}` questions: no chip of {self.data}:{self.split} has its "
                        "ground truth.")
@@ -69,4 +71,5 @@ class Evaluator:
     artifacts.table("examples", ("chip", "question", "true", "answer", "right"), examples)
     artifacts.text("Candidates: the distinct true answers of the "
                    f"`{self.answers_split}` and `{self.split}` splits, each written as one "
-                   "caption clause; the answer is the best ITM match with the image.")
+                   f"caption clause; the answer is the one the {self.scorer!r} scorer ranks "
+                   "first.")

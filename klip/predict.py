@@ -58,6 +58,17 @@ def score(model: Model, zimg: jax.Array, image_tokens: jax.Array, tokens: jax.Ar
   return Scores(cosine=cosine, match=match_prob(model, image_tokens, tokens))
 
 
+def text_logprob(model: Model, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Decoder log-likelihood [B] float32 of each text given its image: the sum over positions
+  t >= 1 of log p(tokens[:, t] | tokens[:, :t]), PAD positions not counted. `tokens` [B, L]
+  start with [DEC] (closed-set answers ranked by the decoder, as BLIP ranks VQA answers)."""
+  logits = model.decode_logits(image_tokens, tokens)[:, :-1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  target = tokens[:, 1:]
+  picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(target != PAD, picked, 0.0), axis=-1)
+
+
 def next_token_logprobs(model: Model, image_tokens: jax.Array, tokens: jax.Array,
                         positions: jax.Array) -> jax.Array:
   """Decoder log-probabilities [B, V] of the token at `positions` [B] given those before it.

@@ -170,3 +170,16 @@ def test_watches_a_run_while_it_trains(data_dir, tmp_path):
   with open(os.path.join(workdir, "eval", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert sorted(steps) == [5, 10, 15, 20]  # each step once
+
+
+def test_a_rerun_of_one_evaluator_replaces_only_its_metrics(workdir, data_dir):
+  c = _fake_config(data_dir, a={"type": FAKE}, b={"type": FAKE, "behaviour": "raise"})
+  job = job_lib.Job(c, workdir)
+  job.evaluate(10)
+  c.unlock()
+  c.evals.b.behaviour = "ok"
+  c.lock()
+  job.evaluate(10, only=["b"])
+  (row,) = [r for r in job.rows() if r["step"] == 10]
+  assert row["metrics"]["a/step"] == 10 and row["metrics"]["b/step"] == 10
+  assert not row["failed"]

@@ -93,6 +93,25 @@ def test_answer_finds_the_matching_candidate():
   np.testing.assert_array_equal([options[i] for i in pred], truth)
 
 
+def test_the_decoder_scorer_ranks_by_text_logprob():
+  options = [1, 2, 3, 4]
+  question = answers.QUESTIONS["count"]
+  truth = [2, 4, 1]
+  # log-likelihoods: the true text is likeliest; the match head would say otherwise
+  fake = FakePredictor(prob={(i, question.texts(o)[0]): 0.9 for i in range(3) for o in (3,)})
+  logp = {(i, question.texts(t)[0]): -1.0 for i, t in enumerate(truth)}
+  text = fake._text  # pylint: disable=protected-access
+  fake.text_logprob = lambda image_tokens, tokens: np.array(
+      [logp.get((int(i), text(t)), -5.0) for i, t in zip(image_tokens, tokens)])
+  pred = answers.answer(fake, question, options, np.arange(3), np.zeros((3, 1)),
+                        scorer="decoder")
+  np.testing.assert_array_equal([options[i] for i in pred], truth)
+  pred = answers.answer(fake, question, options, np.arange(3), np.zeros((3, 1)))
+  np.testing.assert_array_equal([options[i] for i in pred], [3, 3, 3])
+  with pytest.raises(ValueError, match="scorer"):
+    answers.answer(fake, question, options, np.arange(3), np.zeros((3, 1)), scorer="vote")
+
+
 def test_answer_averages_spellings_and_breaks_ties_by_cosine():
   question = answers.QUESTIONS["category"]
   ship, tank = question.texts("ship"), question.texts("storage_tank")

@@ -196,3 +196,16 @@ def test_caption_forces_every_prefix(model, images, tok, family):
     assert len(clauses) == 8
     for name, clause in zip(names, clauses):
       assert clause.startswith(text_lib.PREFIXES[name])
+
+
+def test_text_logprob_sums_the_decoders_token_logprobs(model, images, tok):
+  tokens, _ = captions(tok)
+  tokens = np.array(tokens)
+  tokens[:, 0] = DEC
+  image_tokens = model.encode_image(images)
+  got = np.asarray(predict.text_logprob(model, image_tokens, jnp.asarray(tokens)))
+  logp = jax.nn.log_softmax(model.decode_logits(image_tokens, jnp.asarray(tokens)), axis=-1)
+  want = [sum(float(logp[b, t - 1, tokens[b, t]]) for t in range(1, tokens.shape[1])
+              if tokens[b, t] != PAD) for b in range(len(tokens))]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert np.all(got < 0)
