@@ -171,8 +171,7 @@ class Images(NamedTuple):
 
 
 def images(predictor, split: data_lib.Split) -> Images:
-  return Images(predictor.image_tokens(predictor.images(split.records)),
-                predictor.split_features(split).embedding)
+  return Images(predictor.split_image_tokens(split), predictor.split_features(split).embedding)
 
 
 class Answers(NamedTuple):

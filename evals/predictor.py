@@ -147,6 +147,13 @@ class Predictor:
       self._features[key] = self.encode_images(self.images(split.records))
     return self._features[key]
 
+  def split_image_tokens(self, split) -> np.ndarray:
+    """ViT tokens [N, 1 + P, W] of a split's records, rebuilt from `split_features` (the CLS
+    token and the patch tokens) so the image tower runs once per split."""
+    f = self.split_features(split)
+    patches = f.patches.reshape(f.patches.shape[0], -1, f.patches.shape[-1])
+    return np.concatenate([f.pooled[:, None], patches], axis=1)
+
   def image_tokens(self, images: np.ndarray) -> np.ndarray:
     """ViT tokens [N, 1 + P, W] (the image side of matching and generation)."""
     return self._batched(_image_tokens, images)

@@ -107,7 +107,7 @@ class Evaluator:
     if k:
       i2t, t2i = top_k(similarity, k), top_k(similarity.T, k)
       queries = np.repeat(np.arange(len(split))[:, None], k, axis=1)
-      image_tokens = self.predictor.image_tokens(self.predictor.images(split.records))
+      image_tokens = self.predictor.split_image_tokens(split)
       probs = self._pair_probs(image_tokens, tokens, np.concatenate([queries, t2i]),
                                np.concatenate([i2t, queries]))
       yield from recalls("itm/", reranked_ranks(i2t_ranks, i2t, probs[:len(split)]),

@@ -1,5 +1,5 @@
-"""Evaluators with known behaviour for the eval-job tests (`type="tests.eval_fakes_X"` is not
-possible with one module, so each class is picked by the `behaviour` kwarg)."""
+"""An evaluator with known behaviour for the eval-job tests (`type="tests.eval_fakes"`; the
+`behaviour` kwarg picks what it does)."""
 
 import numpy as np
 

@@ -183,3 +183,10 @@ def test_a_rerun_of_one_evaluator_replaces_only_its_metrics(workdir, data_dir):
   (row,) = [r for r in job.rows() if r["step"] == 10]
   assert row["metrics"]["a/step"] == 10 and row["metrics"]["b/step"] == 10
   assert not row["failed"]
+
+
+def test_split_image_tokens_are_the_image_towers(smoke_predictor, eval_datasets):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  split = eval_datasets.split("synthetic", "test")
+  direct = smoke_predictor.image_tokens(smoke_predictor.images(split.records))
+  np.testing.assert_allclose(smoke_predictor.split_image_tokens(split), direct, atol=1e-5)

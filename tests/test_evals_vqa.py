@@ -36,8 +36,8 @@ class FakePredictor:
   def images(self, records):
     return np.array([self.rows[schema.text_of(r["id"])] for r in records])
 
-  def image_tokens(self, images):
-    return images
+  def split_image_tokens(self, split):
+    return self.images(split.records)
 
   def split_features(self, split):
     n = len(split)

@@ -1,7 +1,6 @@
 """Each objective against a small reference computed in numpy."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
