@@ -4,8 +4,8 @@ ViT-Ti/16 and ViT-S/16 at 224 px (3 channels) with a 12-layer, 512-wide, 64-toke
 vocabulary 32,000, embedding 256, batch 16, the AdamW update included on both sides.
 
 JAX side, all project code: the model is `klip.model.two_tower.Model` built from
-configs/pretrain.py fields (`common.pair_config`: `cross_attention_every=0`, contrast weight
-only; the model always builds a decoder, so `decoder.depth=1`, the smallest allowed), and the
+configs/pretrain.py fields (`common.pair_config`: `text.fusion_layers=0`, `decoder.depth=0`,
+contrast weight only), and the
 step is `klip.train_step.make_train_step` jitted as the trainer jits it (objectives.total with only
 the contrastive loss, klip.optim's clip + AdamW, the non-finite guard, the step's metrics).
 `--lean` adds a second JAX row for the same model and loss with `klip.optim.make` applied to
@@ -15,9 +15,12 @@ open_clip side: bench/torch_side.py in .venv-bench (CLIP from a config dict; sam
 masks, pooling and vocabulary; ClipLoss, clipping, AdamW), as a subprocess.
 
 Rounds interleave: XLA f32 matmul calibration, each JAX step, each open_clip step, torch's
-matmul; ratios are per round. FLOP parity: matmul FLOPs of the compiled XLA step (dots and
-convolutions of its optimized HLO) against torch's FlopCounterMode, and against the analytic
-count (bench/flops.py); all three must agree within 2 %.
+matmul; ratios are per round. Each side runs `--warmup` untimed steps before its timed ones in
+every round: the first step after another process's work is up to 1.6x slower (measured:
+5.0 s against 3.2 s for klip's ViT-Ti step right after the torch workers), which with one
+timed step per round penalised whichever side ran first. FLOP parity: matmul FLOPs of the
+compiled XLA step (dots and convolutions of its optimized HLO) against torch's FlopCounterMode,
+and against the analytic count (bench/flops.py); all three must agree within 2 %.
 
   .venv/bin/python -m bench.b1_contrast                # ViT-Ti and ViT-S, 3 rounds
   .venv/bin/python -m bench.b1_contrast --vits=ti --rounds=1 --steps=1   # quick check
@@ -87,6 +90,8 @@ def main(argv=None) -> dict:
   p.add_argument("--vits", default="ti,s", help="comma list of ti, s")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=1, help="timed steps per side per round")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed steps before each side's timed ones, every round")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--torch", default="both", choices=("both", "default", "passive", "none"),
                  help="open_clip workers: torch as installed and/or with OMP_WAIT_POLICY="
@@ -142,10 +147,11 @@ def main(argv=None) -> dict:
   for vit in vits:
     for key in (f"klip_{vit}", f"lean_{vit}"):
       if key in steps:
-        tasks[key] = (lambda s=steps[key]: args.batch / common.median(s.run(args.steps)))
+        tasks[key] = (lambda s=steps[key]: args.batch / common.median(
+            s.run(args.warmup + args.steps)[args.warmup:]))
     for w, ts in workers.items():
       tasks[f"{w}_{vit}"] = (lambda v=vit, ts=ts: args.batch / common.median(
-          ts("train", name=v, steps=args.steps)["seconds"]))
+          ts("train", name=v, steps=args.warmup + args.steps)["seconds"][args.warmup:]))
   for w, ts in workers.items():
     tasks[f"{w}_matmul"] = (lambda ts=ts: (lambda r: r["flops"] / common.median(r["seconds"]))(
         ts("matmul", n=2048, reps=3)))
@@ -212,7 +218,7 @@ def main(argv=None) -> dict:
   for w in workers:
     figures[f"{w}_matmul_gflops"] = common.median(rates[f"{w}_matmul"]) / 1e9
   common.record("b1", figures, load_start=load_start,
-                note=f"{args.rounds} rounds x {args.steps} steps")
+                note=f"{args.rounds} rounds x ({args.warmup} untimed + {args.steps}) steps")
   return {"results": results, "rates": rates, "figures": figures}
 
 

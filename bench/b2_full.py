@@ -4,10 +4,11 @@ The project's train step (`klip.train_step.make_train_step` over `klip.objective
 three objectives at their default weights, interleaved with the contrast-only step (B1's) and
 the f32 matmul calibration, at two sizes:
 
-  pair  B1's shapes (ViT-Ti/16 at 224 px, 12 x 512 text, 64 tokens, batch 16) with the
-        variant defaults for the rest: cross-attention in every text layer, a 12-block decoder;
+  pair  B1's shapes (ViT-Ti/16 at 224 px, 12 x 512 text, 64 tokens, batch 16) with base's
+        defaults for the rest: matching runs the text tower's top 3 blocks (with
+        cross-attention) on the lower states of the contrastive pass, a 2-block decoder;
   tiny  configs/pretrain.py:tiny as it trains (batch 32), against the same config with only
-        the contrastive weight (and `cross_attention_every=0`, `decoder.depth=1`).
+        the contrastive weight (and `text.fusion_layers=0`, `decoder.depth=0`).
 
 Per step: pairs/s, matmul FLOPs per pair (analytic and from the compiled HLO), achieved
 FLOP/s, fraction of the same-run f32 matmul rate, and the two targets: FLOPs per pair of the
@@ -35,7 +36,7 @@ def _configs(size: str, batch: int):
   full = common.variant_config("tiny", **({"batch_size": batch} if batch else {}))
   contrast = common.variant_config(
       "tiny", **{"loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
-                 "model.text.cross_attention_every": 0, "model.decoder.depth": 1,
+                 "model.text.fusion_layers": 0, "model.decoder.depth": 0,
                  **({"batch_size": batch} if batch else {})})
   return contrast, full
 
@@ -45,6 +46,8 @@ def main(argv=None) -> dict:
   p.add_argument("--sizes", default="pair,tiny")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=1, help="timed steps per round (tiny: x8)")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed steps before each step's timed ones, every round")
   p.add_argument("--batch", type=int, default=0, help="0: 16 for pair, the config's for tiny")
   args = p.parse_args(argv)
   load_start = common.load()
@@ -70,7 +73,8 @@ def main(argv=None) -> dict:
   tasks = {"xla_matmul": calib.measure}
   for key, ps in steps.items():
     n = args.steps * (8 if key.startswith("tiny") else 1)
-    tasks[key] = (lambda s=ps, b=info[key]["batch"], n=n: b / common.median(s.run(n)))
+    tasks[key] = (lambda s=ps, b=info[key]["batch"], n=n: b / common.median(
+        s.run(args.warmup + n)[args.warmup:]))
   rates = common.interleave(tasks, args.rounds, log=log)
   mm = rates["xla_matmul"]
   rows, figures, target_rows = [], {}, []
@@ -114,7 +118,8 @@ def main(argv=None) -> dict:
                       for k, v in sorted(f["breakdown"].items(), key=lambda kv: -kv[1])],
                      ["component", "GFLOP/pair", "share"]))
   figures["xla_matmul_gflops"] = common.median(mm) / 1e9
-  common.record("b2", figures, load_start=load_start, note=f"{args.rounds} rounds")
+  common.record("b2", figures, load_start=load_start,
+                note=f"{args.rounds} rounds, {args.warmup} untimed step(s) first")
   return {"info": info, "rates": rates, "figures": figures}
 
 

@@ -40,10 +40,9 @@ VOCAB = 32000  # the project's base vocabulary, on both sides
 def pair_config(vit: str = "ti", *, full: bool = False, batch: int = 16, vocab: int = VOCAB):
   """configs/pretrain.py:base overridden to the side-by-side shapes, float32, no scan/remat.
 
-  full=False: contrast only (match and reconstruct weights 0, `cross_attention_every=0`, and
-  `decoder.depth=1`, the smallest the model allows: klip's Model always builds a decoder).
-  full=True: the three objectives with the variant's defaults (cross-attention in every text
-  layer, a decoder as deep as the text tower).
+  full=False: contrast only (match and reconstruct weights 0, `text.fusion_layers=0` and
+  `decoder.depth=0`: no fusion blocks, no decoder, as open_clip).
+  full=True: the three objectives with base's fusion blocks and decoder depth.
   """
   from configs import pretrain  # pylint: disable=g-import-not-at-top
   c = pretrain.get_config("base")
@@ -54,8 +53,9 @@ def pair_config(vit: str = "ti", *, full: bool = False, batch: int = 16, vocab: 
   m.image_size, m.patch_size, m.channels = IMAGE_SIZE, PATCH, CHANNELS
   m.vit.update(width=width, depth=depth, heads=heads, mlp_dim=4 * width)
   m.text.update(vocab_size=vocab, max_len=MAX_LEN, width=t_width, depth=t_depth, heads=t_heads,
-                mlp_dim=4 * t_width, cross_attention_every=1 if full else 0)
-  m.decoder.depth = t_depth if full else 1
+                mlp_dim=4 * t_width)
+  if not full:
+    m.text.fusion_layers = m.decoder.depth = 0
   m.update(embed_dim=EMBED_DIM, dtype="float32", scan_layers=False, remat_policy="none")
   c.batch_size = batch
   if not full:
@@ -99,10 +99,15 @@ def synthetic_batch(config, seed: int = 0, batch: int | None = None) -> dict:
     start = 2 + k * max((length - 2) // 8, 4)
     if start + 3 <= length:
       clause[:, start:start + 3] = k
-  return {"image": rng.uniform(-1, 1, (b, m.image_size, m.image_size, m.channels)
-                               ).astype(np.float32),
-          "tokens": tokens, "clause": clause, "weight": np.ones(b, np.float32),
-          "valid": np.ones(b, np.int32), "index": np.arange(b, dtype=np.int32)}
+  batch = {"image": rng.uniform(-1, 1, (b, m.image_size, m.image_size, m.channels)
+                                ).astype(np.float32),
+           "tokens": tokens, "clause": clause, "weight": np.ones(b, np.float32),
+           "valid": np.ones(b, np.int32), "index": np.arange(b, dtype=np.int32)}
+  if config.loss.clause_negatives and config.loss.match_weight:  # one value span swapped
+    swap = tokens.copy()
+    swap[clause == 0] = rng.integers(6, m.text.vocab_size, int(np.sum(clause == 0)))
+    batch.update(swap_tokens=swap, has_swap=np.ones(b, np.int32))
+  return batch
 
 
 # ---------------------------------------------------------------------------------------------

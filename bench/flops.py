@@ -83,16 +83,17 @@ def image_tower(count: Count, m, batch: int, mult: float) -> None:
 
 
 def text_tower(count: Count, m, batch: int, length: int, mult: float, *, name="text",
-               cross: bool = False) -> None:
-  """TextEncoder (klip.model.text): depth blocks; cross-attention in every k-th when fused."""
+               fused_only: bool = False) -> None:
+  """TextEncoder (klip.model.text): all blocks (contrast), or only the top `fusion_layers`
+  blocks with cross-attention (the matching path, whose lower states come from contrast)."""
   t = m.text
   grid = m.image_size // m.patch_size
-  every = int(_get(t, "cross_attention_every", 1))
-  for layer in range(t.depth):
-    has_cross = cross and every > 0 and (layer + 1) % every == 0
+  fused = int(_get(t, "fusion_layers", t.depth))
+  blocks = fused if fused_only else t.depth
+  for _ in range(blocks):
     count.add(f"{name}/blocks", block_flops(
         batch, length, t.width, t.mlp_dim,
-        cross=(1 + grid * grid, m.vit.width) if has_cross else None), mult)
+        cross=(1 + grid * grid, m.vit.width) if fused_only else None), mult)
 
 
 def decoder(count: Count, m, batch: int, length: int, mult: float) -> None:
@@ -101,6 +102,8 @@ def decoder(count: Count, m, batch: int, length: int, mult: float) -> None:
   grid = m.image_size // m.patch_size
   dec = _get(m, "decoder")
   depth = int(_get(dec, "depth", t.depth) if dec is not None else t.depth)
+  if not depth:
+    return
   for _ in range(depth):
     count.add("decoder/blocks", block_flops(batch, length, t.width, t.mlp_dim,
                                             cross=(1 + grid * grid, m.vit.width)), mult)
@@ -128,8 +131,14 @@ def full_step(config, batch: int | None = None, length: int | None = None) -> Co
   c = contrast_step(m, batch, length)
   if w.match_weight:
     c.add("match/sim", _linear(batch, m.embed_dim, batch), 1.0)  # stop_gradient
-    text_tower(c, m, 3 * batch, length, 3.0, name="match", cross=True)
-    c.add("match/head", _linear(3 * batch, m.text.width, 2), 3.0)
+    rows = 3 * batch
+    if _get(w, "clause_negatives", False):  # the swapped captions' own text pass
+      t = m.text
+      for _ in range(t.depth - int(_get(t, "fusion_layers", t.depth))):
+        c.add("match/swap_text", block_flops(batch, length, t.width, t.mlp_dim), 3.0)
+      rows += batch
+    text_tower(c, m, rows, length, 3.0, name="match", fused_only=True)
+    c.add("match/head", _linear(rows, m.text.width, 2), 3.0)
   if w.reconstruct_weight:
     decoder(c, m, batch, length, 3.0)
   return c
@@ -152,13 +161,14 @@ def embed_texts(m, batch: int, length: int | None = None) -> Count:
 
 def scio_scores(m, pairs: int, variants: int, length: int | None = None) -> Count:
   """One SCIO scoring chunk: images once, `variants` texts per image through the contrastive
-  text tower and the fusion path, the ITM head (klip.scio.rescore.ModelScorer.score)."""
+  text tower, then its fusion blocks again with cross-attention, the ITM head
+  (klip.scio.rescore.ModelScorer.score)."""
   length = length or m.text.max_len
   c = embed_images(m, pairs)
   rows = pairs * variants
   text_tower(c, m, rows, length, 1.0)
   c.add("heads", _linear(rows, m.text.width, m.embed_dim), 1.0)
-  text_tower(c, m, rows, length, 1.0, name="match", cross=True)
+  text_tower(c, m, rows, length, 1.0, name="match", fused_only=True)
   c.add("match/head", _linear(rows, m.text.width, 2), 1.0)
   return c
 

@@ -14,6 +14,8 @@ retrieval recall on the test split with and without SCIO.
   python -m bench.scio --variant=tiny --steps=150 --out_dir=workdirs/bench_scio_tiny
   # the benchmark as specified (small variant, about an hour per run on 2 cores)
   python -m bench.scio --out_dir=workdirs/bench_scio
+  # screening with and without clause-swap negatives in the matching loss, SCIO runs only
+  python -m bench.scio --variant=tiny --clause_negatives=true --nobaseline --out_dir=...
 """
 
 from __future__ import annotations
@@ -36,14 +38,13 @@ from klip import checkpoint as checkpoint_lib
 from klip import metrics_writer
 from klip import predict
 from klip import train
+from klip.data import chip as chip_lib
 from klip.data import dataset as dataset_lib
 from klip.data import pipeline
 from klip.data import schema
 from klip.model import two_tower
 from klip.scio import table as table_lib
 
-PIXEL_FIELDS = ("count", "category", "size", "location", "distribution", "terrain", "water",
-                "buildings", "roads")
 
 _VARIANT = flags.DEFINE_string("variant", "small", "Config variant to pretrain.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: the variant's total_steps).")
@@ -53,6 +54,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "workdirs/bench_scio", "Runs and repor
 _SEED = flags.DEFINE_integer("seed", 0, "Planting seed.")
 _EVERY = flags.DEFINE_integer("every_steps", 0, "SCIO period (0: the variant's).")
 _SLICE = flags.DEFINE_integer("slice_size", -1, "Pairs per pass (-1: the variant's; 0: all).")
+_BASELINE = flags.DEFINE_boolean("baseline", True,
+                                 "Also train without SCIO (the retrieval comparison).")
+_SWAP = flags.DEFINE_enum("clause_negatives", "default", ["default", "true", "false"],
+                          "loss.clause_negatives of both runs (default: the variant's).")
 
 
 @dataclasses.dataclass
@@ -90,7 +95,7 @@ def plant(texts, ids, dataset: str, rate: float, seed: int):
   for i, st in enumerate(texts):
     for k, name in enumerate(st.field_names):
       others = [v for v in pool[(st.family, name)] if v != st.values[k]]
-      if name in PIXEL_FIELDS and others and rng.random() < rate:
+      if name in chip_lib.OBSERVABLE_FIELDS and others and rng.random() < rate:
         table.rewrites.setdefault(i, {})[k] = others[int(rng.integers(len(others)))]
         planted[(i, k)] = st.values[k]
   return table, planted
@@ -146,7 +151,8 @@ def retrieval(config, workdir: str, data_dir: str) -> dict[str, float]:
 
 
 def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed: int,
-        every_steps: int, slice_size: int) -> str:
+        every_steps: int, slice_size: int, clause_negatives: str = "default",
+        baseline: bool = True) -> str:
   base = pretrain.get_config(variant)
   source = dataset_lib.source(data_dir, base.data.dataset, base.data.split)
   texts = [schema.structured_text(source[i]) for i in range(len(source))]
@@ -157,7 +163,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   with open(table_path, "w") as f:
     json.dump(initial.to_json(), f)
   results = {}
-  for name, scio_on in (("scio", True), ("no_scio", False)):
+  for name, scio_on in (("scio", True), ("no_scio", False))[:1 if not baseline else 2]:
     run_dir = os.path.join(workdir, name)
     shutil.rmtree(run_dir, ignore_errors=True)
     config = pretrain.get_config(variant)
@@ -168,6 +174,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
     config.scio.update(enabled=True, initial_table=table_path)
     config.scio.every_steps = every_steps or config.scio.every_steps
     config.scio.slice_size = config.scio.slice_size if slice_size < 0 else slice_size
+    if clause_negatives != "default":
+      config.loss.clause_negatives = clause_negatives == "true"
     if not scio_on:  # the planted captions, but no pass ever runs
       config.scio.warmup_fraction = 2.0
     config.lock()
@@ -187,7 +195,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
             f"{'rewrites':>9}{'exact':>10}")
   lines = [f"SCIO benchmark: variant={variant}, steps={config.total_steps}, planted rate "
            f"{rate:.0%} of pixel-observable clauses ({len(planted)} clauses in "
-           f"{len({i for i, _ in planted})} of {len(texts)} pairs)",
+           f"{len({i for i, _ in planted})} of {len(texts)} pairs); clause negatives "
+           f"{'on' if config.loss.clause_negatives else 'off'}",
            f"pairs rescored (at least once): {int(np.sum(final.scored_version >= 0))}; "
            f"passes: {len(rows)}", header, "-" * len(header)]
   total = Counts()
@@ -200,7 +209,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
             f"{pass_seconds / summary['wall_seconds']:.1%} of the run's "
             f"{summary['wall_seconds']:.0f} s wall time", "",
             f"{'retrieval (test)':<18}{'i2t R@1':>9}{'i2t R@5':>9}{'t2i R@1':>9}{'t2i R@5':>9}"]
-  for name in ("scio", "no_scio"):
+  for name in results:
     config, run_dir, _ = results[name]
     r = retrieval(config, run_dir, data_dir)
     lines.append(f"{name:<18}{r['i2t_R@1']:>9.3f}{r['i2t_R@5']:>9.3f}{r['t2i_R@1']:>9.3f}"
@@ -214,7 +223,7 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
   report = run(_VARIANT.value, _STEPS.value, _RATE.value, _DATA_DIR.value, _OUT_DIR.value,
-               _SEED.value, _EVERY.value, _SLICE.value)
+               _SEED.value, _EVERY.value, _SLICE.value, _SWAP.value, _BASELINE.value)
   with open(os.path.join(_OUT_DIR.value, "report.txt"), "w") as f:
     f.write(report + "\n")
   print(report, flush=True)

@@ -25,18 +25,21 @@ import ml_collections
 VARIANTS = ("smoke", "tiny", "small", "base", "large")
 
 
-def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels=2):
-  """Model fields. text.cross_attention_every: layers of the text tower with cross-attention
-  to image tokens for matching (1: all, k: every k-th, 0: no fusion path); decoder.depth:
-  blocks of the causal decoder (width, heads and MLP are the text tower's)."""
+def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels=2,
+           fusion_layers=None, decoder_depth=None):
+  """Model fields. text.fusion_layers: the top blocks of the text tower, with cross-attention to
+  the image tokens, that the matching path runs per (image, text) pair (default all; 0: no
+  fusion path); decoder.depth: blocks of the causal decoder (default the text tower's depth;
+  width, heads and MLP are the text tower's)."""
   width, depth, heads = vit
   t_width, t_depth, t_heads = text
   return ml_collections.ConfigDict(dict(
       image_size=image_size, patch_size=patch, channels=channels,
       vit=dict(width=width, depth=depth, heads=heads, mlp_dim=4 * width),
       text=dict(vocab_size=vocab, max_len=max_len, width=t_width, depth=t_depth, heads=t_heads,
-                mlp_dim=4 * t_width, pad_id=0, cross_attention_every=1),
-      decoder=dict(depth=t_depth),
+                mlp_dim=4 * t_width, pad_id=0,
+                fusion_layers=t_depth if fusion_layers is None else fusion_layers),
+      decoder=dict(depth=t_depth if decoder_depth is None else decoder_depth),
       embed_dim=embed_dim, temperature_init=0.07, dtype="float32", scan_layers=False,
       remat_policy="none"))
 
@@ -60,9 +63,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
                  weight_decay=0.05, clip_norm=1.0)
   # Objectives and their weights (0 turns one off). contrast_type: "softmax" or "sigmoid";
-  # momentum distillation with a feature queue replaces either when enabled.
+  # momentum distillation with a feature queue replaces either when enabled. clause_negatives:
+  # matching also ranks each caption above itself with one observable value swapped
+  # (klip/data/negatives.py), for SCIO's screening; it costs one more text pass.
   c.loss = dict(contrast_weight=1.0, match_weight=1.0, reconstruct_weight=1.0,
-                contrast_type="softmax", label_smoothing=0.1,
+                contrast_type="softmax", label_smoothing=0.1, clause_negatives=False,
                 momentum=dict(enabled=False, decay=0.995, queue_size=4096, alpha=0.4))
   # SCIO (method.md §3-4): after the warm-up (full captions), every `every_steps` steps a
   # jitted rescoring pass over `slice_size` pairs of the table (a rotating slice; 0: all), in
@@ -114,7 +119,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     vit = (768, 12, 12) if variant == "base" else (1024, 24, 16)
     c.data.dataset = "synthetic/n1000000_s224_c2_seed0"
     c.data.num_workers = 16
-    c.model = _model(224, 16, vit, (768, 12, 12), vocab=32000, max_len=160)
+    # Matching runs the text tower's top 3 blocks per (image, text) pair on the shared lower
+    # states, and the decoder has 2 blocks: the three objectives cost about 2.1x the contrastive
+    # step's FLOPs (bench/b2_full.py), where BLIP's full-depth fusion and decoder cost 5x.
+    c.model = _model(224, 16, vit, (768, 12, 12), vocab=32000, max_len=160, fusion_layers=3,
+                     decoder_depth=2)
     c.model.update(dtype="bfloat16", scan_layers=True, remat_policy="dots_saveable")
     c.batch_size, c.total_steps = 2048, 200_000
     c.optim.update(lr=3e-4, warmup_steps=5000)

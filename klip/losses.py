@@ -109,8 +109,13 @@ def hard_negatives(rng, sim: jax.Array, weights: jax.Array, tokens: jax.Array):
   return neg_text, neg_image, has_neg
 
 
-def matching(pos_logits, neg_text_logits, neg_image_logits, weights, has_neg, positive: int):
-  """ITM cross-entropy over positives and the two kinds of hard negatives ([B, 2] logits each).
+def matching(pos_logits, neg_text_logits, neg_image_logits, weights, has_neg, positive: int,
+             swap_logits=None, has_swap=None):
+  """ITM cross-entropy over positives and the two kinds of hard negatives ([B, 2] logits each),
+  plus, with clause-swap negatives (`swap_logits` where `has_swap`), a ranking term per pair:
+  -log sigmoid(match log-odds of the caption - those of its swap). Ranked against its own
+  positive rather than classified, the near-duplicate swap does not pull every positive
+  towards "no match" (classified, it drove the tiny run's positive accuracy to 0.16).
 
   `positive` is the index of "match" in the 2-way head (two_tower.POSITIVE).
   """
@@ -119,14 +124,24 @@ def matching(pos_logits, neg_text_logits, neg_image_logits, weights, has_neg, po
   lt = -jax.nn.log_softmax(neg_text_logits)[:, negative]
   li = -jax.nn.log_softmax(neg_image_logits)[:, negative]
   w_neg = weights * has_neg
-  loss = (jnp.sum(lp * weights) + jnp.sum((lt + li) * w_neg)) / jnp.maximum(
-      jnp.sum(weights) + 2 * jnp.sum(w_neg), 1e-6)
+  total = jnp.sum(lp * weights) + jnp.sum((lt + li) * w_neg)
+  count = jnp.sum(weights) + 2 * jnp.sum(w_neg)
+  metrics = {}
+  if swap_logits is not None:
+    w_swap = weights * has_swap
+    odds = lambda z: z[:, positive] - z[:, negative]
+    rise = odds(pos_logits) - odds(swap_logits)
+    total, count = total + jnp.sum(jax.nn.softplus(-rise) * w_swap), count + jnp.sum(w_swap)
+    acc_swap = rise > 0
+    metrics["match/swap_accuracy"] = _weighted_mean(acc_swap * 1.0, (w_swap > 0) * 1.0)
+  loss = total / jnp.maximum(count, 1e-6)
   acc_pos = jnp.argmax(pos_logits, axis=1) == positive
   acc_neg = (jnp.argmax(neg_text_logits, axis=1) == negative) & (
       jnp.argmax(neg_image_logits, axis=1) == negative)
   return loss, {"match/loss": loss,
                 "match/pos_accuracy": _weighted_mean(acc_pos * 1.0, (weights > 0) * 1.0),
-                "match/neg_accuracy": _weighted_mean(acc_neg * 1.0, (w_neg > 0) * 1.0)}
+                "match/neg_accuracy": _weighted_mean(acc_neg * 1.0, (w_neg > 0) * 1.0),
+                **metrics}
 
 
 def corrupt_values(rng, tokens, clause, vocab_size: int, mask_p=0.5, random_p=0.1):

@@ -3,8 +3,9 @@
 Contrast (ITC): softmax InfoNCE (default), SigLIP-style sigmoid, or softmax against a momentum
 feature queue with momentum distillation (`loss.momentum.enabled`). Match (ITM): fused positives
 plus one hard negative text per image and one hard negative image per text, all three kinds of
-pair scored in one batched pass of the fusion path. Reconstruct: the image-conditioned decoder
-predicts the value-span tokens from a caption whose value spans are corrupted.
+pair scored in one batched pass of the fusion blocks (with `loss.clause_negatives`, also each
+image with its own caption, one observable value swapped, ranked below the caption). Reconstruct: the image-conditioned
+decoder predicts the value-span tokens from a caption whose value spans are corrupted.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def total(model, batch, rng, config, momentum=None):
   tokens, clause = batch["tokens"], batch["clause"]
   k_neg, k_corrupt = jax.random.split(rng)
   zimg, image_tokens = predict.embed_images(model, batch["image"])
-  ztxt = predict.embed_texts(model, tokens)
+  states = model.text_states(tokens)  # the text-only blocks run once per text
+  ztxt = model.embed_text_states(states)
   scale = model.temperature_scale()
   metrics = {}
 
@@ -62,11 +64,18 @@ def total(model, batch, rng, config, momentum=None):
     sim = zimg @ ztxt.T
     neg_text, neg_image, has_neg = losses.hard_negatives(k_neg, sim, weights, tokens)
     b = tokens.shape[0]
-    logits = model.match_logits(
-        jnp.concatenate([image_tokens, image_tokens, image_tokens[neg_image]]),
-        jnp.concatenate([tokens, tokens[neg_text], tokens]))
-    match, m = losses.matching(logits[:b], logits[b:2 * b], logits[2 * b:], weights, has_neg,
-                               two_tower.POSITIVE)
+    rows = jnp.arange(b)
+    images = [image_tokens, image_tokens, image_tokens[neg_image]]
+    texts = states.take(jnp.concatenate([rows, neg_text, rows]))
+    if cfg.clause_negatives:  # each image with its caption, one observable value swapped
+      swap = model.text_states(batch["swap_tokens"])
+      images.append(image_tokens)
+      texts = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), texts, swap)
+    logits = model.match_logits_states(jnp.concatenate(images), texts)
+    swap_logits, has_swap = ((logits[3 * b:], batch["has_swap"]) if cfg.clause_negatives
+                             else (None, None))
+    match, m = losses.matching(logits[:b], logits[b:2 * b], logits[2 * b:3 * b], weights,
+                               has_neg, two_tower.POSITIVE, swap_logits, has_swap)
     metrics.update(m)
     total_loss += cfg.match_weight * match
 

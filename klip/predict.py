@@ -49,13 +49,19 @@ def patch_features(model: Model, images: jax.Array) -> jax.Array:
 
 def match_prob(model: Model, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
   """ITM probability [B] float32 that `tokens` describe the image of `image_tokens`."""
-  return jax.nn.softmax(model.match_logits(image_tokens, tokens), axis=-1)[:, POSITIVE]
+  return _match_prob(model, image_tokens, model.text_states(tokens))
+
+
+def _match_prob(model: Model, image_tokens: jax.Array, states) -> jax.Array:
+  return jax.nn.softmax(model.match_logits_states(image_tokens, states), axis=-1)[:, POSITIVE]
 
 
 def score(model: Model, zimg: jax.Array, image_tokens: jax.Array, tokens: jax.Array) -> Scores:
-  """Cosine similarity and match probability of each (image, text) pair of a batch."""
-  cosine = jnp.sum(zimg * embed_texts(model, tokens), axis=-1)
-  return Scores(cosine=cosine, match=match_prob(model, image_tokens, tokens))
+  """Cosine similarity and match probability of each (image, text) pair of a batch (the text
+  tower's text-only blocks run once for both)."""
+  states = model.text_states(tokens)
+  cosine = jnp.sum(zimg * model.embed_text_states(states), axis=-1)
+  return Scores(cosine=cosine, match=_match_prob(model, image_tokens, states))
 
 
 def text_logprob(model: Model, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:

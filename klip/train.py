@@ -34,6 +34,7 @@ from klip import sharding
 from klip import train_state
 from klip.train_step import make_train_step
 from klip.data import dataset as dataset_lib
+from klip.data import negatives as negatives_lib
 from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
@@ -170,9 +171,11 @@ def train(config, workdir: str) -> dict:
           f"{jax.device_count()} devices, {jax.process_count()} process(es)", flush=True)
 
   with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+    swap = config.loss.clause_negatives and config.loss.match_weight > 0
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd)
                 for k, nd in (("image", 4), ("tokens", 2), ("clause", 2), ("weight", 1),
-                              ("valid", 1), ("index", 1))}
+                              ("valid", 1), ("index", 1))
+                + ((("swap_tokens", 2), ("has_swap", 1)) if swap else ())}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_train_step(config, graphdef),
                       in_shardings=(shardings, batch_sh, replicated),
@@ -181,7 +184,8 @@ def train(config, workdir: str) -> dict:
     preprocess = pipeline.Preprocess(
         tokenizer_path=tok.path, image_size=config.model.image_size,
         channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,
-        db_max=d.db_max, train=True, gain_db=d.gain_db)
+        db_max=d.db_max, train=True, gain_db=d.gain_db,
+        negatives=negatives_lib.ValuePool.collect(source) if swap else None)
     batches = pipeline.local_batches(
         source, preprocess, seed=config.seed, global_batch=config.batch_size,
         start_example=examples_seen, process_index=jax.process_index(),

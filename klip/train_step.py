@@ -42,20 +42,10 @@ def make_train_step(config, graphdef):
     total, _ = jax.lax.scan(body, zero, micro)
     return jax.tree.map(lambda x: x / accum, total)
 
-  def update_momentum(ts, features):
-    """EMA of the model into the momentum encoders; the batch's momentum features enqueued."""
-    params = nnx.state(ts.model, nnx.Param)
-    ema = jax.tree.map(lambda m, p: mcfg.decay * m + (1 - mcfg.decay) * p,
-                       nnx.state(ts.momentum, nnx.Param), params)
-    nnx.update(ts.momentum, ema)
-    ptr = ts.queue_ptr[...]
-    for queue, feats in ((ts.image_queue, features[0]), (ts.text_queue, features[1])):
-      queue[...] = jax.lax.dynamic_update_slice(queue[...], feats.astype(queue.dtype), (ptr, 0))
-    ts.queue_ptr[...] = (ptr + features[0].shape[0]) % mcfg.queue_size
-
   def train_step(state, batch, step):
-    # copy=True: the optimizer updates Variables in place, and `state` must stay the old value.
-    ts = nnx.merge(graphdef, state, copy=True)
+    # A read-only view: the new state is built from pure arrays below, never by mutating
+    # Variables, so XLA can update the donated buffers in place.
+    ts = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(base_key, step)
     momentum = ((ts.momentum, (ts.image_queue[...], ts.text_queue[...])) if mcfg.enabled
                 else None)
@@ -65,19 +55,33 @@ def make_train_step(config, graphdef):
       loss = jnp.where(step == config.debug.nonfinite_at_step, jnp.nan, loss)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    lr = optim.schedule(config)(ts.optimizer.step[...])
-    ts.optimizer.update(ts.model, grads)
+    # A non-finite update is skipped: each new array is selected against its old value inside
+    # the fusion that computes it (no second pass over the state), the counter counts it.
+    keep = lambda new, old: jnp.where(finite, new, old)
+    opt = ts.optimizer
+    params = nnx.as_pure(nnx.state(ts.model, nnx.Param))
+    opt_state = nnx.as_pure(opt.opt_state)
+    lr = optim.schedule(config)(opt.step[...])
+    updates, new_opt_state = opt.tx.update(nnx.as_pure(grads), opt_state, params)
+    new_params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+    nnx.update(ts.model, new_params)
+    nnx.update(opt.opt_state, nnx.state(jax.tree.map(keep, new_opt_state, opt_state)))
+    opt.step[...] = opt.step[...] + finite.astype(opt.step.dtype)
     if mcfg.enabled:
-      update_momentum(ts, features)
-    # A non-finite update is skipped: every array keeps its old value, the counter counts it.
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state(ts), state)
-    ts = nnx.merge(graphdef, new_state)
+      # EMA of the model into the momentum encoders; the batch's momentum features enqueued.
+      old = nnx.as_pure(nnx.state(ts.momentum, nnx.Param))
+      ema = jax.tree.map(lambda m, p: mcfg.decay * m + (1 - mcfg.decay) * p, old, new_params)
+      nnx.update(ts.momentum, jax.tree.map(keep, ema, old))
+      ptr = ts.queue_ptr[...]
+      for queue, feats in ((ts.image_queue, features[0]), (ts.text_queue, features[1])):
+        queue[...] = keep(jax.lax.dynamic_update_slice(queue[...], feats.astype(queue.dtype),
+                                                       (ptr, 0)), queue[...])
+      ts.queue_ptr[...] = keep((ptr + features[0].shape[0]) % mcfg.queue_size, ptr)
     ts.nonfinite[...] = ts.nonfinite[...] + (~finite).astype(jnp.int32)
-    new_state = nnx.state(ts)
-    params = nnx.state(ts.model, nnx.Param)
-    metrics.update({"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-                    "learning_rate": lr, "nonfinite_updates": ts.nonfinite[...],
+    metrics.update({"loss": loss, "grad_norm": grad_norm,
+                    "param_norm": optax.global_norm(new_params), "learning_rate": lr,
+                    "nonfinite_updates": ts.nonfinite[...],
                     "data/valid": jnp.sum(batch["valid"])})
-    return new_state, metrics
+    return nnx.state(ts), metrics
 
   return train_step

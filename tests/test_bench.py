@@ -41,16 +41,18 @@ def test_hlo_counter_convolution():
   assert flops.compiled_flops(compiled)["matmul"] == 2 * (2 * 4 * 4 * 8) * (4 * 4 * 3)
 
 
-@pytest.mark.parametrize("objectives", ["full", "contrast"])
+@pytest.mark.parametrize("objectives", ["full", "full_top_fusion", "contrast"])
 def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
-  overrides = {} if objectives == "full" else {
-      "loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
-      "model.text.cross_attention_every": 0, "model.decoder.depth": 1}
+  overrides = {"full": {}, "full_top_fusion": {"model.text.fusion_layers": 1,
+                                                "model.decoder.depth": 1,
+                                                "loss.clause_negatives": True},
+               "contrast": {"loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
+                            "model.text.fusion_layers": 0, "model.decoder.depth": 0}}[objectives]
   config = smoke_config(data_dir, **overrides)
   step = common.ProjectStep(config, devices=jax.devices()[:1])
   step.compile()
   counted = flops.compiled_flops(step.compiled)["matmul"]
-  count = (flops.full_step(config) if objectives == "full"
+  count = (flops.full_step(config) if objectives.startswith("full")
            else flops.contrast_step(config.model, config.batch_size))
   assert counted == pytest.approx(count.train_total, rel=0.02)
 

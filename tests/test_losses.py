@@ -107,6 +107,24 @@ def test_matching_loss_matches_numpy_and_uses_the_positive_index():
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
+def test_matching_loss_with_clause_swap_negatives_matches_numpy():
+  rng = np.random.default_rng(3)
+  pos, nt, ni, sw = (rng.normal(size=(5, 2)).astype(np.float32) for _ in range(4))
+  w = np.array([1, 1, 1, 0.5, 0], np.float32)
+  has = np.array([1, 1, 0, 1, 1], bool)
+  has_swap = np.array([1, 0, 1, 1, 1], np.int32)
+  loss, m = losses.matching(pos, nt, ni, w, has, positive=1, swap_logits=sw,
+                            has_swap=has_swap)
+  wn, ws = w * has, w * has_swap
+  rise = (pos[:, 1] - pos[:, 0]) - (sw[:, 1] - sw[:, 0])  # match log-odds: caption - its swap
+  expected = (np.sum(-_log_softmax(pos, 1)[:, 1] * w)
+              + np.sum((-_log_softmax(nt, 1)[:, 0] - _log_softmax(ni, 1)[:, 0]) * wn)
+              + np.sum(np.log1p(np.exp(-rise)) * ws)) / (w.sum() + 2 * wn.sum() + ws.sum())
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  counted = ws > 0
+  np.testing.assert_allclose(m["match/swap_accuracy"], np.mean(rise[counted] > 0), rtol=1e-6)
+
+
 def test_corruption_touches_only_value_tokens_in_the_right_proportions():
   n, length = 400, 50
   tokens = np.full((n, length), 100, np.int32)

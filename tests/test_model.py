@@ -98,9 +98,9 @@ def test_text_embedding_ignores_padding():
   assert not np.allclose(model.embed_texts(tokens)[0], model.embed_texts(changed)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_scan_matches_loop_with_copied_params(every):
-  config = tiny_config(text=dict(tiny_config().text, cross_attention_every=every))
+@pytest.mark.parametrize("fusion", [2, 1])
+def test_scan_matches_loop_with_copied_params(fusion):
+  config = tiny_config(text=dict(tiny_config().text, fusion_layers=fusion))
   loop_model = Model(config, rngs=nnx.Rngs(0))
   scan_config = ml_collections.ConfigDict(config.to_dict())
   scan_config.scan_layers = True
@@ -109,10 +109,13 @@ def test_scan_matches_loop_with_copied_params(every):
   assert kernel.shape == (2, 32, 64)
   assert kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
   assert not np.allclose(kernel[0], kernel[1])  # each layer gets its own rng split
-  units = 2 // every  # scanned units: a block with cross-attention, or a group of `every`
-  cross = scan_model.text.encoder.blocks
-  cross = cross.cross_attn if every == 1 else cross.layers[every - 1].cross_attn
-  assert cross.key.kernel.shape == (units, 32, 4, 8)
+  # the top `fusion` blocks have cross-attention; the ones below are text-only
+  assert scan_model.text.encoder.blocks.cross_attn.key.kernel.shape == (fusion, 32, 4, 8)
+  unimodal = scan_model.text.unimodal
+  assert (unimodal is None) == (fusion == 2)
+  if unimodal is not None:
+    assert unimodal.blocks.cross_attn is None
+    assert unimodal.blocks.mlp.fc1.kernel.shape == (2 - fusion, 32, 64)
   copy_loop_params_to_scan(loop_model, scan_model)
   images, tokens = inputs(config)
   for want, got in zip(loop_model(images, tokens), scan_model(images, tokens)):
@@ -259,7 +262,7 @@ def test_cross_attention_shapes():
 def test_fusion_changes_fused_output_but_not_contrastive_embeddings():
   config = tiny_config()
   fused_model = Model(config, rngs=nnx.Rngs(0))
-  plain_model = Model(tiny_config(text=dict(config.text, cross_attention_every=0)),
+  plain_model = Model(tiny_config(text=dict(config.text, fusion_layers=0)),
                       rngs=nnx.Rngs(1))
   assert plain_model.itm_head is None
   source = {path: var[...] for path, var in params_flat(fused_model)}
@@ -276,6 +279,31 @@ def test_fusion_changes_fused_output_but_not_contrastive_embeddings():
   assert not np.allclose(fused[0], other[0], atol=1e-3)
   with pytest.raises(ValueError, match="no fusion path"):
     plain_model.match_logits(image_tokens, tokens)
+
+
+def test_top_fusion_blocks_reuse_the_contrastive_lower_states():
+  config = tiny_config(text=dict(tiny_config().text, fusion_layers=1))
+  model = Model(config, rngs=nnx.Rngs(0))
+  images, tokens = inputs(config, batch=3)
+  image_tokens = model.encode_image(images)
+  states = model.text_states(tokens)
+  np.testing.assert_allclose(model.embed_text_states(states), model.embed_texts(tokens),
+                             atol=1e-6)
+  rows = jnp.array([2, 0, 0])  # e.g. hard-negative texts, gathered from the batch's states
+  np.testing.assert_allclose(model.match_logits_states(image_tokens, states.take(rows)),
+                             model.match_logits(image_tokens, tokens[rows]), atol=1e-5)
+  # one text-only block below, one block with cross-attention on top
+  assert [b.cross_attn is None for b in model.text.unimodal.blocks] == [True]
+  assert [b.cross_attn is None for b in model.text.encoder.blocks] == [False]
+
+
+def test_decoder_depth_zero_builds_no_decoder():
+  config = tiny_config(decoder=dict(depth=0))
+  model = Model(config, rngs=nnx.Rngs(0))
+  assert model.decoder is None
+  images, tokens = inputs(config)
+  with pytest.raises(ValueError, match="decoder.depth is 0"):
+    model.decode_logits(model.encode_image(images), tokens)
 
 
 def test_match_and_decode_logits_shapes():
@@ -318,8 +346,8 @@ def test_decoder_logits_are_tied_to_the_token_embedding():
   assert not any("decoder" in path and "embed" in path for path, _ in params_flat(model))
 
 
-def test_cross_attention_every_must_divide_depth():
-  with pytest.raises(ValueError, match="not divisible by cross_every"):
-    Model(tiny_config(text=dict(tiny_config().text, cross_attention_every=3)), rngs=nnx.Rngs(0))
+def test_fusion_layers_must_fit_the_text_tower():
+  with pytest.raises(ValueError, match=r"fusion_layers must be in \[0, text.depth=2\], got 3"):
+    Model(tiny_config(text=dict(tiny_config().text, fusion_layers=3)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="no cross-attention"):
     layers.Encoder(1, 16, 2, 32, rngs=nnx.Rngs(0))(jnp.ones((1, 2, 16)), kv=jnp.ones((1, 3, 16)))

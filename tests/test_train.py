@@ -30,11 +30,16 @@ def _random_batch(config, n=8, seed=0):
   tokens = rng.integers(6, m.text.vocab_size, (n, m.text.max_len)).astype(np.int32)
   tokens[:, 0] = 2
   tokens[:, 40:] = 0  # padding
-  return {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
-              np.float32),
-          "tokens": tokens, "clause": np.full_like(tokens, -1),
-          "weight": np.ones((n,), np.float32), "valid": np.ones((n,), np.int32),
-          "index": np.arange(n, dtype=np.int32)}
+  batch = {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
+               np.float32),
+           "tokens": tokens, "clause": np.full_like(tokens, -1),
+           "weight": np.ones((n,), np.float32), "valid": np.ones((n,), np.int32),
+           "index": np.arange(n, dtype=np.int32)}
+  if config.loss.clause_negatives:
+    swap = tokens.copy()
+    swap[:, 5:8] = rng.integers(6, m.text.vocab_size, (n, 3))
+    batch.update(swap_tokens=swap, has_swap=(np.arange(n) % 4 != 0).astype(np.int32))
+  return batch
 
 
 def _loss_and_grads(config, mesh_dims, devices):
@@ -58,8 +63,12 @@ def _loss_and_grads(config, mesh_dims, devices):
     return float(loss), jax.tree.map(np.asarray, grads), kernel
 
 
-def test_sharded_step_equals_unsharded(data_dir):
-  config = smoke_config(data_dir)
+# the default smoke model, and one whose matching runs only the top text block on the lower
+# states of the contrastive pass, with clause-swap negatives
+@pytest.mark.parametrize("overrides", [{}, {"model.text.fusion_layers": 1,
+                                            "loss.clause_negatives": True}])
+def test_sharded_step_equals_unsharded(data_dir, overrides):
+  config = smoke_config(data_dir, **overrides)
   assert jax.device_count() == 8
   loss1, g1, _ = _loss_and_grads(config, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   loss8, g8, kernel = _loss_and_grads(config, dict(data=2, fsdp=2, tensor=2), jax.devices())
@@ -245,6 +254,20 @@ def test_init_from_another_run_copies_and_resizes(smoke_run, data_dir, tmp_path,
   posemb = np.asarray(state["model"]["image"]["posemb"][...])
   assert posemb.shape == (64, 32) and not np.allclose(posemb, fresh_posemb)
   np.testing.assert_allclose(posemb.mean(0), source["image"]["posemb"].mean(0), atol=0.02)
+
+
+def test_clause_negatives_train_and_log_their_accuracy(data_dir, tmp_path):
+  config = smoke_config(data_dir, total_steps=4, **{
+      "loss.clause_negatives": True, "model.text.fusion_layers": 1, "scio.enabled": True,
+      "scio.every_steps": 2, "scio.slice_size": 16, "scio.batch_size": 8,
+      "scio.warmup_fraction": 0.25})
+  summary = train.train(config, str(tmp_path / "w"))
+  rows = metrics_writer.read(os.path.join(str(tmp_path / "w"), "metrics.jsonl"))
+  assert summary["steps"] == 4 and np.isfinite(summary["final"]["loss"])
+  assert all(0.0 <= r["match/swap_accuracy"] <= 1.0 for r in rows)
+  # the rescoring pass reads its images without the training-only swaps
+  passes = [r for r in rows if "scio/rescored" in r]
+  assert passes and all(r["scio/rescored"] == 16 for r in passes)
 
 
 def test_grad_accumulation_and_bfloat16_train(data_dir, tmp_path):

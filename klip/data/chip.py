@@ -24,6 +24,10 @@ TARGET_FIELDS = ("count", "location", "feature", "size", "category", "distributi
 LANDFORM_FIELDS = ("terrain", "functionality", "distribution", "layout", "boundary", "buildings",
                    "roads", "water")
 FAMILIES = {"target": TARGET_FIELDS, "landform": LANDFORM_FIELDS}
+# The fields the pixels can show; the others (region, environment, functionality, layout,
+# boundary, feature) come from lat/lon, the knowledge tables or imaging metadata.
+OBSERVABLE_FIELDS = ("count", "category", "size", "location", "distribution", "terrain", "water",
+                     "buildings", "roads")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from klip.data import negatives as negatives_lib
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
 from klip.scio import table as table_lib
@@ -60,6 +61,13 @@ class Preprocess(grain.transforms.RandomMap):
   # SCIO's pair table: rewritten values, a dropped clause (left out of the tokens) and the
   # pair's weight; a record whose id the table does not expect stops the run.
   table: table_lib.TableView | None = None
+  # Clause-swap negatives (`loss.clause_negatives`): each example also carries `swap_tokens`,
+  # its caption with one observable value swapped, and `has_swap` (0 where none could be made).
+  negatives: negatives_lib.ValuePool | None = None
+
+  def __post_init__(self):
+    if self.negatives is not None and not self.train:
+      raise ValueError("clause negatives are drawn at random: they need train=True")
 
   def random_map(self, element, rng: np.random.Generator):
     index, record = element
@@ -86,8 +94,15 @@ class Preprocess(grain.transforms.RandomMap):
     if self.table is not None:
       st, skip, weight = self.table.apply(index, table_lib.example_id(record), st)
     tokens, clause = self._tokenizer().encode_caption(st, self.max_len, skip=skip)
-    return {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
-            "valid": np.int32(1), "index": np.int32(index)}
+    out = {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
+           "valid": np.int32(1), "index": np.int32(index)}
+    if self.negatives is not None:
+      swapped = self.negatives.swap(st, rng, skip, visible=set(clause[clause >= 0].tolist()))
+      swap = (self._tokenizer().encode_caption(swapped, self.max_len, skip=skip)[0]
+              if swapped is not None else tokens)
+      # a swap cut off by max_len leaves the caption unchanged: not a negative
+      out.update(swap_tokens=swap, has_swap=np.int32(not np.array_equal(swap, tokens)))
+    return out
 
   def image(self, db: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """The model input [S, S, channels] in [-1, 1] of a dB image [H, W, C]: cropped (randomly
@@ -123,10 +138,13 @@ class Preprocess(grain.transforms.RandomMap):
     return 10.0 * np.log10(np.maximum(out, 1e-10))
 
   def _invalid(self, index: int) -> dict:
-    return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
-            "tokens": np.zeros((self.max_len,), np.int32),
-            "clause": np.full((self.max_len,), tokenizer_lib.TEMPLATE, np.int32),
-            "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
+    out = {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
+           "tokens": np.zeros((self.max_len,), np.int32),
+           "clause": np.full((self.max_len,), tokenizer_lib.TEMPLATE, np.int32),
+           "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
+    if self.negatives is not None:
+      out.update(swap_tokens=np.zeros((self.max_len,), np.int32), has_swap=np.int32(0))
+    return out
 
 
 def local_batches(source, preprocess: Preprocess, *, seed: int, global_batch: int,

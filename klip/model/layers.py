@@ -126,25 +126,7 @@ class Block(nnx.Module):
     return sharding.constrain(x, RESIDUAL)
 
 
-class BlockGroup(nnx.Module):
-  """`size` consecutive Blocks of which only the last has cross-attention.
-
-  The repeated unit of an Encoder whose cross-attention is in every `size`-th layer, so that
-  scanned layers stay identical in structure.
-  """
-
-  def __init__(self, size: int, make_block, cross_width: int, *, rngs: nnx.Rngs):
-    blocks = [make_block(rngs=rngs) for _ in range(size - 1)]
-    self.layers = nnx.List(blocks + [make_block(cross_width=cross_width, rngs=rngs)])
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
-               kv_mask: jax.Array | None = None) -> jax.Array:
-    for block in self.layers:
-      x = block(x, mask, kv, kv_mask)
-    return x
-
-
-def _apply_unit(unit: Block | BlockGroup, x: jax.Array, mask: jax.Array | None,
+def _apply_unit(unit: Block, x: jax.Array, mask: jax.Array | None,
                 kv: jax.Array | None, kv_mask: jax.Array | None) -> jax.Array:
   return unit(x, mask, kv, kv_mask)
 
@@ -171,42 +153,33 @@ def rematted(fn, policy: str):
 class Encoder(nnx.Module):
   """A stack of `depth` Blocks, looped in Python or scanned over stacked parameters.
 
-  With `cross_width`, layers cross-attend to the `kv` tokens passed at call time: every layer
-  when `cross_every` is 1, else the last layer of each group of `cross_every` (the repeated
-  unit is then a BlockGroup, and `depth` must divide by `cross_every`). Without `kv` the
-  cross-attention sublayers are skipped.
+  With `cross_width`, every layer cross-attends to the `kv` tokens passed at call time; without
+  `kv` the cross-attention sublayers are skipped.
 
-  With `scan=True` the units are created by `nnx.vmap` (one rng split per unit), so every
-  parameter has a leading axis of size `depth // cross_every` named "layers".
+  With `scan=True` the blocks are created by `nnx.vmap` (one rng split per block), so every
+  parameter has a leading axis of size `depth` named "layers".
   """
 
   def __init__(self, depth: int, width: int, heads: int, mlp_dim: int, *,
-               cross_width: int | None = None, cross_every: int = 1, scan: bool = False,
+               cross_width: int | None = None, scan: bool = False,
                remat_policy: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     check_remat_policy(remat_policy)
     self.scan = scan
     self.remat_policy = remat_policy
     self.cross = bool(cross_width)
-    make_block = functools.partial(Block, width, heads, mlp_dim, dtype=dtype)
-    if self.cross and cross_every < 1:
-      raise ValueError(f"cross_every must be >= 1 with cross-attention, got {cross_every}")
-    if self.cross and depth % cross_every:
-      raise ValueError(f"depth {depth} is not divisible by cross_every {cross_every}")
-    if not self.cross or cross_every == 1:
-      units = depth
-      make_unit = functools.partial(make_block, cross_width=cross_width)
-    else:
-      units = depth // cross_every
-      make_unit = functools.partial(BlockGroup, cross_every, make_block, cross_width)
+    if depth < 1:
+      raise ValueError(f"an Encoder needs depth >= 1, got {depth}")
+    make_unit = functools.partial(Block, width, heads, mlp_dim, cross_width=cross_width,
+                                  dtype=dtype)
     if scan:
-      @nnx.split_rngs(splits=units)
+      @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
       def make_stack(rngs: nnx.Rngs):
         return make_unit(rngs=rngs)
 
       self.blocks = make_stack(rngs)
     else:
-      self.blocks = nnx.List([make_unit(rngs=rngs) for _ in range(units)])
+      self.blocks = nnx.List([make_unit(rngs=rngs) for _ in range(depth)])
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
                kv_mask: jax.Array | None = None) -> jax.Array:

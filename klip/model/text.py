@@ -1,12 +1,17 @@
 """Text tower and causal decoder.
 
 `TextEncoder` is bidirectional: alone it gives the contrastive features; given image tokens,
-its cross-attention sublayers fuse them in (the matching path, BLIP-style, sharing the text
-tower). `TextDecoder` is a causal stack with cross-attention to the image tokens in every layer;
-it reads the text tower's embeddings (tokens + positions) and has blocks of its own.
+the cross-attention sublayers of its top `text.fusion_layers` blocks fuse them in (the matching
+path, sharing the text tower as BLIP does). The blocks below them are text-only (ALBEF's split),
+so a batch's matching pass reuses their states from the contrastive pass (`TextStates`) and
+only the top blocks run again per (image, text) pair. `TextDecoder` is a causal stack with
+cross-attention to the image tokens in every layer; it reads the text tower's embeddings
+(tokens + positions) and has blocks of its own.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,46 +22,64 @@ from klip.model.layers import Encoder, layer_norm, param
 EMBED_INIT = nnx.initializers.normal(stddev=0.02)
 
 
-def cross_attention_every(config) -> int:
-  """`text.cross_attention_every` (default 1: every layer; 0: no fusion path)."""
-  every = int(config.text.get("cross_attention_every", 1))
-  if every < 0:
-    raise ValueError(f"text.cross_attention_every must be >= 0, got {every}")
-  return every
+def fusion_layers(config) -> int:
+  """`text.fusion_layers`: top blocks of the text tower with cross-attention (default: all;
+  0: no fusion path)."""
+  depth = int(config.text.depth)
+  n = int(config.text.get("fusion_layers", depth))
+  if not 0 <= n <= depth:
+    raise ValueError(f"text.fusion_layers must be in [0, text.depth={depth}], got {n}")
+  return n
 
 
 def decoder_depth(config) -> int:
-  """`decoder.depth` (default: the text tower's depth)."""
+  """`decoder.depth` (default: the text tower's depth; 0: no decoder, nothing to reconstruct)."""
   decoder = config.get("decoder")
   depth = int(decoder.get("depth", config.text.depth) if decoder else config.text.depth)
-  if depth < 1:
-    raise ValueError(f"decoder.depth must be >= 1, got {depth}")
+  if depth < 0:
+    raise ValueError(f"decoder.depth must be >= 0, got {depth}")
   return depth
 
 
-def _stack(config, depth: int, cross_every: int, *, rngs: nnx.Rngs) -> Encoder:
+def _stack(config, depth: int, cross: bool, *, rngs: nnx.Rngs) -> Encoder:
   text = config.text
   return Encoder(depth, text.width, text.heads, text.mlp_dim,
-                 cross_width=config.vit.width if cross_every else None,
-                 cross_every=cross_every, scan=config.scan_layers,
+                 cross_width=config.vit.width if cross else None, scan=config.scan_layers,
                  remat_policy=config.remat_policy, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
 
+class TextStates(NamedTuple):
+  """The text tower's hidden states below its fusion blocks, and the key mask of the tokens."""
+  x: jax.Array     # [B, L, width]
+  mask: jax.Array  # bool [B, 1, 1, L]: True where the key is not padding
+
+  def take(self, rows: jax.Array) -> TextStates:
+    """The states of the texts at `rows` (e.g. the hard-negative texts of a batch)."""
+    return TextStates(self.x[rows], self.mask[rows])
+
+
 class TextEncoder(nnx.Module):
-  """Bidirectional Transformer over int32 tokens [B, L]; pad tokens are masked as keys."""
+  """Bidirectional Transformer over int32 tokens [B, L]; pad tokens are masked as keys.
+
+  `unimodal` holds the text-only blocks (None when every block fuses), `encoder` the top
+  `fusion_layers` blocks, with cross-attention sublayers (all blocks, without them, when
+  `fusion_layers` is 0).
+  """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     text = config.text
     self.max_len = text.max_len
     self.pad_id = text.pad_id
     self.dtype = jnp.dtype(config.dtype)
-    every = cross_attention_every(config)
-    self.fusion = every > 0
+    fused = fusion_layers(config)
+    self.fusion = fused > 0
     self.embed = nnx.Embed(text.vocab_size, text.width, rngs=rngs,
                            embedding_init=param(EMBED_INIT, ("vocab", "embed")))
     self.posemb = nnx.Param(
         param(EMBED_INIT, ("length", "embed"))(rngs.params(), (text.max_len, text.width)))
-    self.encoder = _stack(config, text.depth, every, rngs=rngs)
+    lower = text.depth - fused if self.fusion else 0
+    self.unimodal = _stack(config, lower, False, rngs=rngs) if lower else None
+    self.encoder = _stack(config, text.depth - lower, self.fusion, rngs=rngs)
     self.norm = layer_norm(text.width, self.dtype, rngs)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -67,13 +90,23 @@ class TextEncoder(nnx.Module):
     length = tokens.shape[1]
     return (self.embed(tokens) + self.posemb[:length]).astype(self.dtype)
 
+  def lower(self, tokens: jax.Array) -> TextStates:
+    """The states entering the fusion blocks: embeddings through the text-only blocks."""
+    mask = (tokens != self.pad_id)[:, None, None, :]
+    x = self.embed_tokens(tokens)
+    return TextStates(x if self.unimodal is None else self.unimodal(x, mask), mask)
+
+  def upper(self, states: TextStates, image_tokens: jax.Array | None = None) -> jax.Array:
+    """Hidden states [B, L, width] from `lower`'s states; fused with `image_tokens`
+    [B, 1 + N, vit width] if given."""
+    if image_tokens is not None and not self.fusion:
+      raise ValueError("text.fusion_layers is 0: the text tower has no fusion path")
+    kv = None if image_tokens is None else image_tokens.astype(self.dtype)
+    return self.norm(self.encoder(states.x, states.mask, kv=kv))
+
   def __call__(self, tokens: jax.Array, image_tokens: jax.Array | None = None) -> jax.Array:
     """Hidden states [B, L, width]; fused with `image_tokens` [B, 1 + N, vit width] if given."""
-    if image_tokens is not None and not self.fusion:
-      raise ValueError("text.cross_attention_every is 0: the text tower has no fusion path")
-    kv = None if image_tokens is None else image_tokens.astype(self.dtype)
-    mask = (tokens != self.pad_id)[:, None, None, :]
-    return self.norm(self.encoder(self.embed_tokens(tokens), mask, kv=kv))
+    return self.upper(self.lower(tokens), image_tokens)
 
 
 class TextDecoder(nnx.Module):
@@ -85,7 +118,7 @@ class TextDecoder(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.pad_id = config.text.pad_id
     self.dtype = jnp.dtype(config.dtype)
-    self.layers = _stack(config, decoder_depth(config), 1, rngs=rngs)
+    self.layers = _stack(config, decoder_depth(config), True, rngs=rngs)
     self.norm = layer_norm(config.text.width, self.dtype, rngs)
 
   def __call__(self, x: jax.Array, tokens: jax.Array, image_tokens: jax.Array) -> jax.Array:

@@ -1,8 +1,9 @@
 """The KLIP model: two towers for contrast, a fusion path for matching, a decoder to reconstruct.
 
 ViT + text encoder with linear projections and a learned temperature (contrast); the text
-tower with cross-attention to the image tokens and a 2-way head (match, `POSITIVE` = match);
-an image-conditioned causal decoder whose logits are tied to the token embedding (reconstruct).
+tower's top `text.fusion_layers` blocks with cross-attention to the image tokens and a 2-way
+head (match, `POSITIVE` = match); an image-conditioned causal decoder whose logits are tied to
+the token embedding (reconstruct).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 
 from klip import sharding
 from klip.model.layers import DENSE_INIT, ZEROS, param
-from klip.model.text import TextDecoder, TextEncoder
+from klip.model.text import TextDecoder, TextEncoder, TextStates, decoder_depth
 from klip.model.vit import ViT
 
 MAX_SCALE = 100.0
@@ -38,7 +39,8 @@ class Model(nnx.Module):
   """Image and text towers projected to a shared unit sphere, plus the match head and decoder.
 
   Towers compute in `config.dtype`; projections, heads, normalisation and outputs are float32.
-  With `text.cross_attention_every` = 0 there is no fusion path (and no `itm_head`).
+  With `text.fusion_layers` = 0 there is no fusion path (and no `itm_head`); with
+  `decoder.depth` = 0 no decoder.
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
@@ -55,7 +57,7 @@ class Model(nnx.Module):
     self.itm_head = nnx.Linear(config.text.width, 2, dtype=jnp.float32, rngs=rngs,
                                kernel_init=param(DENSE_INIT, ("embed", None)),
                                bias_init=param(ZEROS, (None,))) if self.text.fusion else None
-    self.decoder = TextDecoder(config, rngs=rngs)
+    self.decoder = TextDecoder(config, rngs=rngs) if decoder_depth(config) else None
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """ViT tokens [B, 1 + N, width], CLS first."""
@@ -75,7 +77,15 @@ class Model(nnx.Module):
 
   def embed_texts(self, tokens: jax.Array) -> jax.Array:
     """Unit-norm float32 text embeddings [B, embed_dim] from position 0 (the [ENC] token)."""
-    first = self.encode_text(tokens)[:, 0].astype(jnp.float32)
+    return self.embed_text_states(self.text.lower(tokens))
+
+  def text_states(self, tokens: jax.Array) -> TextStates:
+    """The text tower's states below its fusion blocks (shared by contrast and matching)."""
+    return self.text.lower(tokens)
+
+  def embed_text_states(self, states: TextStates) -> jax.Array:
+    """`embed_texts` from `text_states`."""
+    first = self.text.upper(states)[:, 0].astype(jnp.float32)
     return l2_normalize(self.text_proj(first))
 
   def temperature_scale(self) -> jax.Array:
@@ -84,9 +94,13 @@ class Model(nnx.Module):
 
   def match_logits(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
     """ITM logits [B, 2] float32 (index POSITIVE: match) from the fused [ENC] token."""
+    return self.match_logits_states(image_tokens, self.text.lower(tokens))
+
+  def match_logits_states(self, image_tokens: jax.Array, states: TextStates) -> jax.Array:
+    """`match_logits` from `text_states`: only the fusion blocks run."""
     if self.itm_head is None:
-      raise ValueError("text.cross_attention_every is 0: the model has no fusion path")
-    fused = self.text(tokens, image_tokens)[:, 0].astype(jnp.float32)
+      raise ValueError("text.fusion_layers is 0: the model has no fusion path")
+    fused = self.text.upper(states, image_tokens)[:, 0].astype(jnp.float32)
     return self.itm_head(fused)
 
   def decode_states(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -94,6 +108,8 @@ class Model(nnx.Module):
 
     The input embedding (tokens + positions) is the text tower's.
     """
+    if self.decoder is None:
+      raise ValueError("decoder.depth is 0: the model has no decoder")
     return self.decoder(self.text.embed_tokens(tokens), tokens, image_tokens)
 
   def token_logits(self, states: jax.Array) -> jax.Array:

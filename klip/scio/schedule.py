@@ -41,7 +41,7 @@ class Controller:
     self._max_len = config.model.text.max_len
     self._source = source
     self._tokenizer = tokenizer
-    self._preprocess = dataclasses.replace(preprocess, train=False, table=None)
+    self._preprocess = dataclasses.replace(preprocess, train=False, table=None, negatives=None)
     self.enabled = bool(self._cfg.enabled)
     self.pass_seconds = 0.0
     self.active = self.pending = None
