@@ -115,23 +115,18 @@ def main(argv=None) -> dict:
     config = common.pair_config(vit, batch=args.batch)
     batch = common.synthetic_batch(config)
     analytic = flops_lib.contrast_step(config.model, args.batch).train_total
-    ps = common.ProjectStep(config, batch=batch)
-    comp = ps.compile()
-    xla = flops_lib.compiled_flops(ps.compiled)
-    ps.run(1)
-    steps[f"klip_{vit}"] = ps
-    results[f"klip_{vit}"] = dict(vit=vit, side="klip step", analytic=analytic,
-                                  counted=xla["matmul"], xla_total=xla["xla_total"], **comp)
-    log(f"{vit}: klip step compiled in {comp['lower_s']:.1f}+{comp['compile_s']:.1f} s; "
-        f"matmul FLOPs/step XLA {xla['matmul'] / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
+    sides = [("klip", "klip step", common.ProjectStep(config, batch=batch))]
     if vit in lean_vits:
-      lean = LeanStep(config, batch)
-      comp = lean.compile()
-      xla = flops_lib.compiled_flops(lean.compiled)
-      lean.run(1)
-      steps[f"lean_{vit}"] = lean
-      results[f"lean_{vit}"] = dict(vit=vit, side="klip lean", analytic=analytic,
-                                    counted=xla["matmul"], xla_total=xla["xla_total"], **comp)
+      sides.append(("lean", "klip lean", LeanStep(config, batch)))
+    for key, side, runner in sides:
+      comp = runner.compile()
+      xla = flops_lib.compiled_flops(runner.compiled)
+      runner.run(1)
+      steps[f"{key}_{vit}"] = runner
+      results[f"{key}_{vit}"] = dict(vit=vit, side=side, analytic=analytic,
+                                     counted=xla["matmul"], xla_total=xla["xla_total"], **comp)
+      log(f"{vit}: {side} compiled in {comp['lower_s']:.1f}+{comp['compile_s']:.1f} s; "
+          f"matmul FLOPs/step XLA {xla['matmul'] / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
     for w, ts in workers.items():
       info = ts("build", **common.torch_spec(vit, vit, args.batch, adamw=args.adamw))
       tfl = ts("flops", name=vit, what="train")

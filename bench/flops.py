@@ -298,14 +298,8 @@ def _instr_flops(shape: str, op: str, rest: str, table: dict):
   return None, 0.0, target
 
 
-def hlo_matmul_flops(hlo_text: str) -> HloFlops:
-  """Dot, convolution and GEMM custom-call FLOPs of an HLO module's text (optimized or not).
-
-  dot: 2 * prod(output dims) * prod(contracting dims of the lhs); convolution: 2 * prod(output)
-  * prod(kernel dims other than the output feature); cuBLAS/cuDNN-style GEMM custom calls
-  (GPU) are read from their dot_dimension_numbers. Each computation is weighted by how often it
-  runs: 1 for fusions and calls, the known trip count for while bodies.
-  """
+def _computations(hlo_text: str):
+  """({computation name: [(instruction, shape text, opcode, rest)]}, ENTRY name or None)."""
   comps: dict[str, list[tuple[str, str, str, str]]] = {}
   entry, cur = None, None
   for line in hlo_text.splitlines():
@@ -324,6 +318,18 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
     if m:
       shape, op, rest = _split_shape_op(m.group(2))
       comps[cur].append((m.group(1), shape, op, rest))
+  return comps, entry
+
+
+def hlo_matmul_flops(hlo_text: str) -> HloFlops:
+  """Dot, convolution and GEMM custom-call FLOPs of an HLO module's text (optimized or not).
+
+  dot: 2 * prod(output dims) * prod(contracting dims of the lhs); convolution: 2 * prod(output)
+  * prod(kernel dims other than the output feature); cuBLAS/cuDNN-style GEMM custom calls
+  (GPU) are read from their dot_dimension_numbers. Each computation is weighted by how often it
+  runs: 1 for fusions and calls, the known trip count for while bodies.
+  """
+  comps, entry = _computations(hlo_text)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
 
@@ -447,21 +453,7 @@ def instruction_table(hlo_text: str, prefer=("klip/", "optax/", "flax/")) -> dic
   whose path contains the first of `prefer` found in the stack (file:line function), with the
   innermost frame's function in brackets when that is another one."""
   locs, frames = _source_tables(hlo_text)
-  comps, cur = {}, None
-  for line in hlo_text.splitlines():
-    if cur is None:
-      h = _COMP_HEAD.match(line)
-      if h:
-        cur = h.group(2)
-        comps[cur] = []
-      continue
-    if line.strip() == "}":
-      cur = None
-      continue
-    m = _INSTR.match(line)
-    if m:
-      shape, op, rest = _split_shape_op(m.group(2))
-      comps[cur].append((m.group(1), shape, op, rest))
+  comps, _ = _computations(hlo_text)
 
   def comp_flops(comp: str, depth: int = 0) -> float:
     if depth > 8 or comp not in comps:
