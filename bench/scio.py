@@ -7,13 +7,16 @@ without: no pass ever runs), and prints per field and overall, on the pairs SCIO
 screening precision / recall / F1 against the planted errors (a clause counts as flagged if
 the final table drops it or SCIO rewrote it), reconstruction exact-match accuracy of SCIO's
 rewrites against the true values, SCIO's cost per rescored pair and share of wall time, and
-retrieval recall on the test split with and without SCIO.
+retrieval recall on the test split with and without SCIO. The run without SCIO starts from
+the SCIO run's checkpoint at the last warm-up step (`--fork_baseline`, on by default): the two
+runs are the same computation up to there, so only what follows differs.
 
   # tiny, shortened: two 150-step runs, about 12 minutes on 2 cores (seen on a loaded machine;
   # corpus: configs/pretrain.py's docstring)
   python -m bench.scio --variant=tiny --steps=150 --out_dir=workdirs/bench_scio_tiny
-  # the benchmark as specified (small variant, about an hour per run on 2 cores)
-  python -m bench.scio --out_dir=workdirs/bench_scio
+  # the benchmark as specified: small variant (400 steps: 32 min with SCIO, then 19 min for the
+  # run without it, forked at the end of the warm-up; 2026-11-28, idle 2 cores)
+  python -m bench.scio --steps=400 --out_dir=workdirs/bench_scio_small
   # screening with and without clause-swap negatives in the matching loss, SCIO runs only
   python -m bench.scio --variant=tiny --clause_negatives=true --nobaseline --out_dir=...
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 
@@ -56,6 +60,10 @@ _EVERY = flags.DEFINE_integer("every_steps", 0, "SCIO period (0: the variant's).
 _SLICE = flags.DEFINE_integer("slice_size", -1, "Pairs per pass (-1: the variant's; 0: all).")
 _BASELINE = flags.DEFINE_boolean("baseline", True,
                                  "Also train without SCIO (the retrieval comparison).")
+_FORK = flags.DEFINE_boolean(
+    "fork_baseline", True,
+    "Start the run without SCIO from the SCIO run's checkpoint at the last warm-up step (the "
+    "two runs are the same computation up to there) instead of training it from scratch.")
 _SWAP = flags.DEFINE_enum("clause_negatives", "default", ["default", "true", "false"],
                           "loss.clause_negatives of both runs (default: the variant's).")
 
@@ -150,9 +158,24 @@ def retrieval(config, workdir: str, data_dir: str) -> dict[str, float]:
   return out
 
 
+def _fork_from(src: str, dst: str, step: int) -> None:
+  """Copies run `src` to `dst` without its checkpoints after `step`, so that `dst` resumes
+  from there (the metrics writer drops the rows after it)."""
+  shutil.copytree(src, dst)
+  ckpt_dir = os.path.join(dst, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  if step not in steps:
+    raise RuntimeError(f"{src} has no checkpoint at the fork step {step} (has {steps})")
+  for s in steps:
+    if s > step:
+      shutil.rmtree(os.path.join(ckpt_dir, str(s)))
+  shutil.rmtree(os.path.join(dst, "eval"), ignore_errors=True)
+  print(f"run without SCIO: forked from {src} at step {step}", flush=True)
+
+
 def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed: int,
         every_steps: int, slice_size: int, clause_negatives: str = "default",
-        baseline: bool = True) -> str:
+        baseline: bool = True, fork_baseline: bool = True) -> str:
   base = pretrain.get_config(variant)
   source = dataset_lib.source(data_dir, base.data.dataset, base.data.split)
   texts = [schema.structured_text(source[i]) for i in range(len(source))]
@@ -176,9 +199,15 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
     config.scio.slice_size = config.scio.slice_size if slice_size < 0 else slice_size
     if clause_negatives != "default":
       config.loss.clause_negatives = clause_negatives == "true"
+    fork = math.ceil(config.scio.warmup_fraction * config.total_steps) - 1  # last warm-up step
+    fork = fork if fork_baseline and baseline and fork > 0 else 0
+    if fork and scio_on:  # keep a checkpoint at the fork for the run without SCIO
+      config.checkpoint.update(every_steps=fork, keep=config.total_steps // fork + 2)
     if not scio_on:  # the planted captions, but no pass ever runs
       config.scio.warmup_fraction = 2.0
     config.lock()
+    if fork and not scio_on:
+      _fork_from(results["scio"][1], run_dir, fork)
     summary = train.train(config, run_dir)
     results[name] = (config, run_dir, summary)
   config, run_dir, summary = results["scio"]
@@ -223,7 +252,8 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
   report = run(_VARIANT.value, _STEPS.value, _RATE.value, _DATA_DIR.value, _OUT_DIR.value,
-               _SEED.value, _EVERY.value, _SLICE.value, _SWAP.value, _BASELINE.value)
+               _SEED.value, _EVERY.value, _SLICE.value, _SWAP.value, _BASELINE.value,
+               _FORK.value)
   with open(os.path.join(_OUT_DIR.value, "report.txt"), "w") as f:
     f.write(report + "\n")
   print(report, flush=True)
