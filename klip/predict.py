@@ -75,16 +75,9 @@ def text_logprob(model: Model, image_tokens: jax.Array, tokens: jax.Array) -> ja
   return jnp.sum(jnp.where(target != PAD, picked, 0.0), axis=-1)
 
 
-def next_token_logprobs(model: Model, image_tokens: jax.Array, tokens: jax.Array,
-                        positions: jax.Array) -> jax.Array:
-  """Decoder log-probabilities [B, V] of the token at `positions` [B] given those before it.
-
-  `tokens` [B, L] start with [DEC]; BANNED tokens get -inf.
-  """
-  states = model.decode_states(image_tokens, tokens)
-  index = jnp.clip(positions - 1, 0, tokens.shape[1] - 1)
-  last = jnp.take_along_axis(states, index[:, None, None], axis=1)[:, 0]
-  logits = model.token_logits(last).at[:, jnp.asarray(BANNED)].set(-jnp.inf)
+def _masked_logprobs(model: Model, states: jax.Array) -> jax.Array:
+  """Next-token log-probabilities [B, V] float32 from decoder states [B, width]; BANNED -inf."""
+  logits = model.token_logits(states).at[:, jnp.asarray(BANNED)].set(-jnp.inf)
   return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -100,8 +93,9 @@ def continue_text(model: Model, image_tokens: jax.Array, prompt: jax.Array,
   Beam search keeps `beam_size` hypotheses per row ranked by length-normalised log-probability
   (sum of token log-probs / tokens generated, `stop` counted); a finished hypothesis stays in the
   beam with its score unchanged, and the best-ranked hypothesis is returned. beam_size 1 is
-  greedy decoding. Each step recomputes the decoder over the whole buffer (no KV cache); the
-  loop ends once every hypothesis has finished.
+  greedy decoding. The decoder runs once over the prompts (`Model.decode_prefill`), then one
+  token per step on its key/value caches (`Model.decode_extend`), which follow each beam's
+  parent; the loop ends once every hypothesis has finished.
   """
   if beam_size < 1 or max_new < 1:
     raise ValueError(f"beam_size and max_new must be >= 1, got {beam_size} and {max_new}")
@@ -111,23 +105,27 @@ def continue_text(model: Model, image_tokens: jax.Array, prompt: jax.Array,
   image_tokens = jnp.repeat(image_tokens, k, axis=0)
   prompt_len = prompt_len.astype(jnp.int32)
   pad_only = jnp.where(jnp.arange(vocab) == PAD, 0.0, -jnp.inf)
+  buf = jnp.repeat(prompt.astype(jnp.int32), k, axis=0)  # [B * k, L]
+  states, caches = model.decode_prefill(image_tokens, buf)
+  last = jnp.repeat(jnp.clip(prompt_len - 1, 0, width - 1), k)
+  logp = _masked_logprobs(model, jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0])
   graphdef, params = nnx.split(model)  # carried through the loop, merged at its trace level
+  # the batch axis of a cache's arrays [(layers,) B * k, L, H, head_dim]
+  reorder = lambda x, rows: jnp.take(x, rows, axis=x.ndim - 4)  # noqa: E731
 
   def finished(i, done):
     return done | (prompt_len + i >= width)[:, None]
 
   def cond(state):
-    i, _, _, _, done, _, _ = state
+    i, _, _, _, done, _, _, _, _ = state
     return (i < max_new) & ~jnp.all(finished(i, done))
 
   def body(state):
-    i, buf, total, length, done, out, params = state
+    i, buf, total, length, done, out, logp, caches, params = state
     pos = prompt_len + i
     active = ~finished(i, done)
-    logp = next_token_logprobs(nnx.merge(graphdef, params), image_tokens,
-                               buf.reshape(batch * k, width), jnp.repeat(pos, k))
-    logp = logp.reshape(batch, k, vocab)
-    cand = total[..., None] + jnp.where(active[..., None], logp, pad_only)
+    cand = total[..., None] + jnp.where(active[..., None], logp.reshape(batch, k, vocab),
+                                        pad_only)
     cand_len = length + active
     ranked = cand / jnp.maximum(cand_len, 1)[..., None]
     _, flat = jax.lax.top_k(ranked.reshape(batch, k * vocab), k)
@@ -136,21 +134,27 @@ def continue_text(model: Model, image_tokens: jax.Array, prompt: jax.Array,
     total = jnp.take_along_axis(cand.reshape(batch, k * vocab), flat, axis=1)
     length = jnp.take_along_axis(cand_len, parent, axis=1)
     done = jnp.take_along_axis(done, parent, axis=1) | (was_active & (token == stop))
-    buf = jnp.take_along_axis(buf, parent[..., None], axis=1)
-    write = was_active[..., None] & (jnp.arange(width) == pos[:, None, None])
-    buf = jnp.where(write, token[..., None], buf)
     out = jnp.take_along_axis(out, parent[..., None], axis=1)
     out = out.at[:, :, i].set(jnp.where(was_active, token, PAD))
-    return i + 1, buf, total, length, done, out, params
+    rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
+    if k > 1:
+      buf = buf[rows]
+      caches = jax.tree.map(lambda x: reorder(x, rows), caches)
+    at = jnp.repeat(jnp.minimum(pos, width - 1), k)
+    write = was_active.reshape(-1)[:, None] & (jnp.arange(width) == at[:, None])
+    buf = jnp.where(write, token.reshape(-1)[:, None], buf)
+    step_model = nnx.merge(graphdef, params)
+    states, caches = step_model.decode_extend(buf, at, caches)
+    logp = _masked_logprobs(step_model, states)
+    return i + 1, buf, total, length, done, out, logp, caches, params
 
-  state = (jnp.asarray(0, jnp.int32),
-           jnp.repeat(prompt[:, None].astype(jnp.int32), k, axis=1),
+  state = (jnp.asarray(0, jnp.int32), buf,
            jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (batch, k)),
            jnp.zeros((batch, k), jnp.int32),
            jnp.zeros((batch, k), bool),
            jnp.full((batch, k, max_new), PAD, jnp.int32),
-           params)
-  _, _, total, length, _, out, _ = jax.lax.while_loop(cond, body, state)
+           logp, caches, params)
+  _, _, total, length, _, out, _, _, _ = jax.lax.while_loop(cond, body, state)
   best = jnp.argmax(total / jnp.maximum(length, 1), axis=1)
   return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]
 

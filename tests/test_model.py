@@ -335,6 +335,28 @@ def test_decoder_is_causal_and_ignores_padding():
                              logits[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoder_cache_extends_as_the_full_pass_would(scan):
+  """prefill over a prompt, then one token at a time: the states of the causal full pass."""
+  config = tiny_config(scan_layers=scan)
+  model = Model(config, rngs=nnx.Rngs(0))
+  images, tokens = inputs(config)
+  image_tokens = model.encode_image(images)
+  full = model.decode_states(image_tokens, tokens)
+  start, pad = 3, config.text.pad_id
+  buf = tokens.at[:, start:].set(pad)
+  states, caches = model.decode_prefill(image_tokens, buf)
+  np.testing.assert_allclose(states[:, :start], full[:, :start], atol=1e-5)
+  positions = jnp.asarray([start, start + 2])  # rows at different positions
+  buf = buf.at[1, start:start + 2].set(tokens[1, start:start + 2])
+  _, caches = model.decode_prefill(image_tokens, buf)
+  for _ in range(tokens.shape[1] - start - 2):
+    buf = buf.at[jnp.arange(2), positions].set(tokens[jnp.arange(2), positions])
+    got, caches = model.decode_extend(buf, positions, caches)
+    np.testing.assert_allclose(got, full[jnp.arange(2), positions], atol=1e-5)
+    positions = positions + 1
+
+
 def test_decoder_logits_are_tied_to_the_token_embedding():
   config = tiny_config()
   model = Model(config, rngs=nnx.Rngs(0))

@@ -74,6 +74,32 @@ def reference_greedy(model, image_tokens, prompt, prompt_len, max_new, stop):
   return out
 
 
+def reference_beam(model, image_tokens, prompt, prompt_len, max_new, stop, k):
+  """Beam search as `continue_text` documents it, the decoder recomputed over each buffer."""
+  out = np.full((prompt.shape[0], max_new), PAD, np.int32)
+  for row in range(prompt.shape[0]):
+    start, width = int(prompt_len[row]), prompt.shape[1]
+    beams = [([], 0.0, False)]  # (tokens, summed log-prob, finished)
+    for i in range(min(max_new, width - start)):
+      cands = []
+      for tokens, total, done in beams:
+        if done:
+          cands.append((tokens + [PAD], total, True))
+          continue
+        buf = np.array(prompt[row:row + 1])
+        buf[0, start:start + len(tokens)] = tokens
+        logp = np.asarray(masked_logprobs(model, image_tokens[row:row + 1],
+                                          jnp.asarray(buf)))[0, start + i - 1]
+        cands += [(tokens + [t], total + logp[t], t == stop) for t in np.argsort(-logp)[:k]]
+      length = lambda c: sum(t != PAD for t in c[0])  # noqa: E731
+      beams = sorted(cands, key=lambda c: -c[1] / length(c))[:k]
+      if all(done for _, _, done in beams):
+        break
+    best = beams[0][0]
+    out[row, :len(best)] = best
+  return out
+
+
 def sequence_score(model, image_tokens, prompt, prompt_len, generated):
   """Length-normalised log-prob of each row's generated tokens (up to PAD), teacher-forced."""
   buf = np.array(prompt)
@@ -153,6 +179,22 @@ def test_beam_search_is_at_least_as_likely_as_greedy(model, images):
     hits = np.flatnonzero(row == greedy[0, 0])
     if hits.size:
       assert np.all(row[hits[0] + 1:] == PAD)
+
+
+def test_beam_search_matches_a_recomputing_reference(model, images):
+  """The cached decoder follows each beam's parent: the same hypotheses as recomputing it."""
+  image_tokens = model.encode_image(images)
+  prompt, prompt_len = prompts(width=16)
+  free = np.asarray(predict.continue_text(model, image_tokens, prompt, prompt_len, max_new=5,
+                                          stop=PAD))
+  early = int(free[1, 1])  # a token some hypotheses emit early: beams finish at different steps
+  # stop=PAD never stops: 8 steps of beams that swap parents (a cache left in the old beam
+  # order fails this case)
+  for k, stop, max_new in ((2, early, 5), (3, early, 5), (3, PAD, 8)):
+    got = np.asarray(predict.continue_text(model, image_tokens, prompt, prompt_len,
+                                           max_new=max_new, stop=stop, beam_size=k))
+    np.testing.assert_array_equal(got, reference_beam(model, image_tokens, prompt, prompt_len,
+                                                      max_new, stop, k))
 
 
 def test_fill_span_keeps_everything_outside_the_span(model, images, tok):

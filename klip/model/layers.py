@@ -13,6 +13,7 @@ policy.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from flax import nnx
 from klip import sharding
 
 RESIDUAL = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", "kv")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 LAYERS = {nnx.PARTITION_NAME: "layers"}
 
@@ -89,13 +91,27 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, kv: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
     """x [B, Lq, D], kv [B, Lk, Dkv], boolean mask [B, 1 or H, Lq, Lk] (True = attend)."""
-    kv = x if kv is None else kv
-    heads = ("batch", "length", "heads", "kv")
-    q = sharding.constrain(self.query(x), heads)
-    k = sharding.constrain(self.key(kv), heads)
-    v = sharding.constrain(self.value(kv), heads)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return self.out(out)
+    return self.attend(x, *self.keys_values(x if kv is None else kv), mask)
+
+  def keys_values(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, Lk, H, head_dim] of the tokens `kv` [B, Lk, Dkv]."""
+    return (sharding.constrain(self.key(kv), HEADS), sharding.constrain(self.value(kv), HEADS))
+
+  def attend(self, x: jax.Array, k: jax.Array, v: jax.Array,
+             mask: jax.Array | None = None) -> jax.Array:
+    """Queries from `x` [B, Lq, D] attend to keys and values from `keys_values`."""
+    q = sharding.constrain(self.query(x), HEADS)
+    return self.out(jax.nn.dot_product_attention(q, k, v, mask=mask))
+
+
+class KVCache(NamedTuple):
+  """A block's self-attention keys and values [B, L, H, head_dim] over a decoding buffer and
+  its cross-attention keys and values [B, Lk, H, head_dim] (None without cross-attention).
+  A scanned `Encoder` stacks them along a leading layers axis."""
+  keys: jax.Array
+  values: jax.Array
+  cross_keys: jax.Array | None = None
+  cross_values: jax.Array | None = None
 
 
 class Block(nnx.Module):
@@ -119,11 +135,39 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
                kv_mask: jax.Array | None = None) -> jax.Array:
-    x = x + self.attn(self.norm1(x), mask=mask)
+    return self.prefill(x, mask, kv, kv_mask)[0]
+
+  def prefill(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
+              kv_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """The block's output and its keys and values, for `extend` to continue from.
+
+    Keys and values are computed by the forward pass anyway: training drops them unused.
+    """
+    h = self.norm1(x)
+    keys, values = self.attn.keys_values(h)
+    x = x + self.attn.attend(h, keys, values, mask)
+    cross = (None, None)
     if kv is not None and self.cross_attn is not None:
-      x = x + self.cross_attn(self.norm_cross(x), kv, kv_mask)
+      cross = self.cross_attn.keys_values(kv)
+      x = x + self.cross_attn.attend(self.norm_cross(x), *cross, kv_mask)
     x = x + self.mlp(self.norm2(x))
-    return sharding.constrain(x, RESIDUAL)
+    return sharding.constrain(x, RESIDUAL), KVCache(keys, values, *cross)
+
+  def extend(self, x: jax.Array, cache: KVCache, write: jax.Array,
+             mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One new token per row: x [B, 1, D] at the positions `write` [B, L] (one-hot) of the
+    cache's self-attention keys and values, attending to the keys `mask` [B, 1, 1, L] allows
+    (the new position included) and to all of the cached cross-attention keys."""
+    h = self.norm1(x)
+    k1, v1 = self.attn.keys_values(h)
+    at = write[:, :, None, None]
+    cache = cache._replace(keys=jnp.where(at, k1, cache.keys),
+                           values=jnp.where(at, v1, cache.values))
+    x = x + self.attn.attend(h, cache.keys, cache.values, mask)
+    if cache.cross_keys is not None:
+      x = x + self.cross_attn.attend(self.norm_cross(x), cache.cross_keys, cache.cross_values)
+    x = x + self.mlp(self.norm2(x))
+    return x, cache
 
 
 def _apply_unit(unit: Block, x: jax.Array, mask: jax.Array | None,
@@ -198,3 +242,36 @@ class Encoder(nnx.Module):
     for unit in self.blocks:
       x = step(unit, x, mask, kv, kv_mask)
     return x
+
+  def prefill(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None,
+              kv_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | list[KVCache]]:
+    """`__call__` (without remat) that also returns each block's `KVCache`: stacked along a
+    leading layers axis when scanned, else a list."""
+    if self.scan:
+      @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=(nnx.Carry, 0),
+                transform_metadata=LAYERS)
+      def scan_blocks(x, unit, mask, kv, kv_mask):
+        return unit.prefill(x, mask, kv, kv_mask)
+
+      return scan_blocks(x, self.blocks, mask, kv, kv_mask)
+    caches = []
+    for unit in self.blocks:
+      x, cache = unit.prefill(x, mask, kv, kv_mask)
+      caches.append(cache)
+    return x, caches
+
+  def extend(self, x: jax.Array, caches: KVCache | list[KVCache], write: jax.Array,
+             mask: jax.Array) -> tuple[jax.Array, KVCache | list[KVCache]]:
+    """`Block.extend` through every block: x [B, 1, D] -> ([B, 1, D], updated caches)."""
+    if self.scan:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None), out_axes=(nnx.Carry, 0),
+                transform_metadata=LAYERS)
+      def scan_blocks(x, unit, cache, write, mask):
+        return unit.extend(x, cache, write, mask)
+
+      return scan_blocks(x, self.blocks, caches, write, mask)
+    out = []
+    for unit, cache in zip(self.blocks, caches):
+      x, cache = unit.extend(x, cache, write, mask)
+      out.append(cache)
+    return x, out

@@ -90,6 +90,11 @@ class TextEncoder(nnx.Module):
     length = tokens.shape[1]
     return (self.embed(tokens) + self.posemb[:length]).astype(self.dtype)
 
+  def embed_at(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """`embed_tokens` of one token per row: tokens [B] at positions [B] -> [B, width]."""
+    positions = jnp.clip(positions, 0, self.max_len - 1)
+    return (self.embed(tokens) + self.posemb[...][positions]).astype(self.dtype)
+
   def lower(self, tokens: jax.Array) -> TextStates:
     """The states entering the fusion blocks: embeddings through the text-only blocks."""
     mask = (tokens != self.pad_id)[:, None, None, :]
@@ -123,7 +128,24 @@ class TextDecoder(nnx.Module):
 
   def __call__(self, x: jax.Array, tokens: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """x [B, L, width] embeds `tokens` [B, L]; returns hidden states [B, L, width]."""
+    return self.norm(self.layers(x, self._mask(tokens), kv=image_tokens.astype(self.dtype)))
+
+  def _mask(self, tokens: jax.Array) -> jax.Array:
     length = tokens.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
-    mask = causal[None, None] & (tokens != self.pad_id)[:, None, None, :]
-    return self.norm(self.layers(x, mask, kv=image_tokens.astype(self.dtype)))
+    return causal[None, None] & (tokens != self.pad_id)[:, None, None, :]
+
+  def prefill(self, x: jax.Array, tokens: jax.Array, image_tokens: jax.Array) -> tuple:
+    """`__call__`'s hidden states and the layers' key/value caches over the buffer `tokens`."""
+    out, caches = self.layers.prefill(x, self._mask(tokens), kv=image_tokens.astype(self.dtype))
+    return self.norm(out), caches
+
+  def extend(self, x: jax.Array, tokens: jax.Array, positions: jax.Array, caches) -> tuple:
+    """Hidden states [B, width] of one new token per row: x [B, width] embeds tokens[b,
+    positions[b]] of the buffer `tokens` [B, L], which attends to the earlier positions that are
+    not padding, as `__call__` would. Returns (states, updated caches)."""
+    index = jnp.arange(tokens.shape[1])
+    write = index == positions[:, None]
+    mask = ((index <= positions[:, None]) & (tokens != self.pad_id))[:, None, None, :]
+    out, caches = self.layers.extend(x[:, None].astype(self.dtype), caches, write, mask)
+    return self.norm(out[:, 0]), caches

@@ -112,6 +112,20 @@ class Model(nnx.Module):
       raise ValueError("decoder.depth is 0: the model has no decoder")
     return self.decoder(self.text.embed_tokens(tokens), tokens, image_tokens)
 
+  def decode_prefill(self, image_tokens: jax.Array, tokens: jax.Array) -> tuple:
+    """`decode_states` over a decoding buffer, and the decoder's key/value caches for
+    `decode_extend` (cross-attention keys and values of the image tokens computed once)."""
+    if self.decoder is None:
+      raise ValueError("decoder.depth is 0: the model has no decoder")
+    return self.decoder.prefill(self.text.embed_tokens(tokens), tokens, image_tokens)
+
+  def decode_extend(self, tokens: jax.Array, positions: jax.Array, caches) -> tuple:
+    """Decoder states [B, width] at `positions` [B] of the buffer `tokens` [B, L] from the
+    caches of the positions before (`decode_prefill`, then earlier `decode_extend`s): equal to
+    `decode_states(...)[b, positions[b]]` at the cost of one token. Returns (states, caches)."""
+    new = jnp.take_along_axis(tokens, positions[:, None], axis=1)[:, 0]
+    return self.decoder.extend(self.text.embed_at(new, positions), tokens, positions, caches)
+
   def token_logits(self, states: jax.Array) -> jax.Array:
     """Float32 vocabulary logits [..., vocab], tied to the text tower's token embedding."""
     return self.text.embed.attend(states.astype(jnp.float32))
