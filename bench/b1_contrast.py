@@ -11,8 +11,8 @@ the contrastive loss, klip.optim's clip + AdamW, the non-finite guard, the step'
 `--lean` adds a second JAX row for the same model and loss with `klip.optim.make` applied to
 the two towers only and nothing else in the step: the difference is the trainer's overhead.
 
-open_clip side: bench/torch_side.py in .venv-bench (CLIP from a config dict; same GELU, norms,
-masks, pooling and vocabulary; ClipLoss, clipping, AdamW), as a subprocess.
+open_clip side: bench/torch_side.py in .venv-bench (CLIP from a config dict; same tanh GELU,
+norms, masks, pooling and vocabulary; ClipLoss, clipping, AdamW), as a subprocess.
 
 Rounds interleave: XLA f32 matmul calibration, each JAX step, each open_clip step, torch's
 matmul; ratios are per round. Each side runs `--warmup` untimed steps before its timed ones in

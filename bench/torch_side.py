@@ -6,13 +6,14 @@ libraries print goes to stderr). The two processes never compute at the same tim
 waits for each answer, so measurements of both sides can be interleaved in one run.
 
 The model is open_clip's `CLIP`, built from a config dict at the shapes asked for, with random
-weights (nothing is downloaded). Matched to klip's model (klip/model/*): exact GELU (open_clip's
-default, `quick_gelu=False`), LayerNorm eps 1e-6, no LayerNorm before the ViT blocks
-(`no_ln_pre`), CLS-token image pooling after the final norm, a bidirectional text tower
-(`no_causal_mask`) pooled at the first token (`pool_type='first'`) with a key-padding mask built
-from the pad id per batch (klip masks pad keys the same way), projections without bias. The
-training step is open_clip's `ClipLoss`, global-norm gradient clipping at 1.0 and AdamW with
-klip's hyper-parameters and weight-decay rule (matrices only).
+weights (nothing is downloaded). Matched to klip's model (klip/model/*): the tanh GELU
+(open_clip's `nn.GELU` modules, `quick_gelu=False`, set to `approximate='tanh'`), LayerNorm eps
+1e-6, no LayerNorm before the ViT blocks (`no_ln_pre`), CLS-token image pooling after the final
+norm, a bidirectional text tower (`no_causal_mask`) pooled at the first token
+(`pool_type='first'`) with a key-padding mask built from the pad id per batch (klip masks pad
+keys the same way), projections without bias. The training step is open_clip's `ClipLoss`,
+global-norm gradient clipping at 1.0 and AdamW with klip's hyper-parameters and weight-decay rule
+(matrices only).
 
   .venv-bench/bin/python bench/torch_side.py   # then write commands, e.g.
   {"op": "build", "name": "ti", "vit": [192, 12, 3], "text": [512, 12, 8], ...}
@@ -54,6 +55,11 @@ def build(spec: dict) -> dict:
               layers=td, mlp_ratio=4.0, no_causal_mask=True, pool_type="first",
               pad_id=spec.get("pad_id", 0), norm_kwargs=norm)
   model = open_clip.CLIP(spec["embed_dim"], vision, text, quick_gelu=False, output_dict=True)
+  gelus = [m for m in model.modules() if isinstance(m, torch.nn.GELU)]
+  if len(gelus) != vd + td:
+    raise RuntimeError(f"expected one GELU per block ({vd + td}), found {len(gelus)}")
+  for m in gelus:  # klip's MLP uses the tanh form
+    m.approximate = "tanh"
   model.train()
   decay = [p for p in model.parameters() if p.ndim >= 2]
   no_decay = [p for p in model.parameters() if p.ndim < 2]
