@@ -136,8 +136,8 @@ def continue_text(model: Model, image_tokens: jax.Array, prompt: jax.Array,
     done = jnp.take_along_axis(done, parent, axis=1) | (was_active & (token == stop))
     out = jnp.take_along_axis(out, parent[..., None], axis=1)
     out = out.at[:, :, i].set(jnp.where(was_active, token, PAD))
-    rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
-    if k > 1:
+    if k > 1:  # each hypothesis continues its parent's buffer and caches
+      rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
       buf = buf[rows]
       caches = jax.tree.map(lambda x: reorder(x, rows), caches)
     at = jnp.repeat(jnp.minimum(pos, width - 1), k)
