@@ -16,11 +16,13 @@ path on CPU at tiny shapes, to prove it works end to end.
   bench/gpu.sh                        # on the GPU host (a few minutes: compile + 10 steps)
   bench/gpu.sh --batch=64 --steps=5
   bench/gpu.sh --small                # CPU, tiny shapes
+  bench/gpu.sh --batch=256 --set=model.remat_policy=none --tag=noremat   # a variant
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import importlib.abc
 import importlib.util
@@ -58,11 +60,24 @@ def check_required() -> None:
              "ml_collections`.")
 
 
-def small_config(common, batch: int):
+def small_config(common, batch: int, **overrides):
   """tiny's shapes with base's compute settings (bf16, scan, remat), for a CPU check."""
   return common.variant_config(
       "tiny", batch_size=batch, **{"model.dtype": "bfloat16", "model.scan_layers": True,
-                                   "model.remat_policy": "dots_saveable"})
+                                   "model.remat_policy": "dots_saveable", **overrides})
+
+
+def parse_set(text: str) -> tuple[str, object]:
+  """'model.remat_policy=none' -> ('model.remat_policy', 'none'); values are Python literals
+  where they parse as one (numbers, True/False), else strings."""
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE (a dotted config key), got "
+                                     f"{text!r}")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
 
 
 def main(argv=None) -> dict:
@@ -72,6 +87,10 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul", type=int, default=0, help="calibration size (0: 8192, 1024 small)")
+  p.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                 help="config override on top of base (repeatable), e.g. "
+                      "model.remat_policy=none")
+  p.add_argument("--tag", default="", help="names the variant: writes gpu_TAG.json")
   args = p.parse_args(argv)
   os.environ["BENCH_PLATFORM"] = "cpu" if args.small else "auto"
   install_guard()
@@ -90,9 +109,12 @@ def main(argv=None) -> dict:
     sys.exit("bench.gpu_step: no accelerator visible to jax (use --small for the CPU check)")
   batch = args.batch or (8 if args.small else 128)
 
+  overrides = dict(args.set)
+
   def make_config(batch):
-    return (small_config(common, batch) if args.small
-            else common.variant_config("base", batch_size=batch))
+    if args.small:
+      return small_config(common, batch, **overrides)
+    return common.variant_config("base", batch_size=batch, **overrides)
 
   config = make_config(batch)
   count = flops_lib.full_step(config)
@@ -129,6 +151,7 @@ def main(argv=None) -> dict:
   loss = float(ps.last_metrics["loss"])
   achieved = analytic / step_s
   figures = {
+      "overrides": overrides,
       "device": f"{dev.platform} {getattr(dev, 'device_kind', '')}",
       "batch": batch, "step_s": step_s, "step_s_after": common.median(times2),
       "examples_per_s": batch / step_s,
@@ -146,7 +169,7 @@ def main(argv=None) -> dict:
     pass
   log("")
   log(f"{'small (tiny shapes, CPU check)' if args.small else 'base'} full step, bf16, batch "
-      f"{batch}, {args.steps} timed steps")
+      f"{batch}, {args.steps} timed steps" + (f", overrides {overrides}" if overrides else ""))
   log(common.table([
       ["examples/s", figures["examples_per_s"]],
       ["step s (median; after calibration)", f"{step_s:.4f}; {figures['step_s_after']:.4f}"],
@@ -164,8 +187,9 @@ def main(argv=None) -> dict:
   log(common.table([[k, v / batch / 1e9, f"{v / total:.1%}"]
                     for k, v in sorted(count.train.items(), key=lambda kv: -kv[1])],
                    ["component", "GFLOP", "share"]))
-  common.record("gpu_small" if args.small else "gpu", figures, load_start=load_start)
-  log(f"\nwrote {os.path.join(common.OUT_DIR, ('gpu_small' if args.small else 'gpu') + '.json')}")
+  name = ("gpu_small" if args.small else "gpu") + (f"_{args.tag}" if args.tag else "")
+  common.record(name, figures, load_start=load_start)
+  log(f"\nwrote {os.path.join(common.OUT_DIR, name + '.json')}")
   return figures
 
 
