@@ -362,6 +362,9 @@ def record(bench: str, figures: dict, *, load_start: float, note: str = "") -> N
   if sys.argv and sys.argv[0].endswith(".py"):
     command = f"python -m bench.{os.path.splitext(os.path.basename(sys.argv[0]))[0]} " + \
         " ".join(shlex.quote(a) for a in sys.argv[1:])
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  if flags:  # XLA's flags change what was measured: the row says which were set
+    command = f"XLA_FLAGS={shlex.quote(flags)} {command}"
   now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   load_text = f"load {load_start:.1f}->{load():.1f}"
   figs = "; ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in figures.items())

@@ -17,6 +17,7 @@ path on CPU at tiny shapes, to prove it works end to end.
   bench/gpu.sh --batch=64 --steps=5
   bench/gpu.sh --small                # CPU, tiny shapes
   bench/gpu.sh --batch=256 --set=model.remat_policy=none --tag=noremat   # a variant
+  bench/gpu.sh --batch=256 --profile  # also: GPU kernel time by kind (bench/gpu_profile.py)
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def small_config(common, batch: int, **overrides):
                                    "model.remat_policy": "dots_saveable", **overrides})
 
 
+def profile(ps, matmul_flops: float, step_s: float, log, common) -> dict:
+  """Traces two steps; prints GPU kernel time by kind and the GEMM kernels' own rate; returns
+  the GEMM and copy shares of kernel time and that rate."""
+  from bench import gpu_profile  # pylint: disable=g-import-not-at-top
+  path = gpu_profile.capture(lambda: ps.run(2), common.OUT_DIR)
+  table = gpu_profile.kernel_table(path, steps=2)
+  log(f"\nGPU kernels per step (trace of 2 steps, {path}): busy {table['busy_s'] * 1e3:.1f} ms "
+      f"of a {table['span_s'] * 1e3:.1f} ms span; timed step {step_s * 1e3:.1f} ms")
+  log(common.table([[k, s * 1e3, f"{share:.1%}", n] for k, s, share, n in table["kinds"][:16]],
+                   ["kernel kind", "ms/step", "share", "launches/step"]))
+  share = {k: sh for k, _, sh, _ in table["kinds"]}
+  gemm_s = sum(s for k, s, _, _ in table["kinds"] if k == "gemm")
+  figures = {"gemm_share": share.get("gemm", 0.0), "copy_share": share.get("copy", 0.0),
+             "gemm_kernel_tflops": matmul_flops / gemm_s / 1e12 if gemm_s else 0.0}
+  log(f"GEMM kernels: {figures['gemm_kernel_tflops']:.0f} TFLOP/s (matmul FLOPs / GEMM time)")
+  return figures
+
+
 def parse_set(text: str) -> tuple[str, object]:
   """'model.remat_policy=none' -> ('model.remat_policy', 'none'); values are Python literals
   where they parse as one (numbers, True/False), else strings."""
@@ -91,7 +110,11 @@ def main(argv=None) -> dict:
                  help="config override on top of base (repeatable), e.g. "
                       "model.remat_policy=none")
   p.add_argument("--tag", default="", help="names the variant: writes gpu_TAG.json")
+  p.add_argument("--profile", action="store_true",
+                 help="trace 2 more steps: GPU kernel time by kind, OUT/trace.xplane.pb")
   args = p.parse_args(argv)
+  if args.profile and args.small:
+    p.error("--profile reads GPU kernel times: it needs the GPU run, not --small")
   os.environ["BENCH_PLATFORM"] = "cpu" if args.small else "auto"
   install_guard()
   check_required()
@@ -187,6 +210,8 @@ def main(argv=None) -> dict:
   log(common.table([[k, v / batch / 1e9, f"{v / total:.1%}"]
                     for k, v in sorted(count.train.items(), key=lambda kv: -kv[1])],
                    ["component", "GFLOP", "share"]))
+  if args.profile:
+    figures.update(profile(ps, analytic, step_s, log, common))
   name = ("gpu_small" if args.small else "gpu") + (f"_{args.tag}" if args.tag else "")
   common.record(name, figures, load_start=load_start)
   log(f"\nwrote {os.path.join(common.OUT_DIR, name + '.json')}")

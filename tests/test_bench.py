@@ -14,6 +14,8 @@ import pytest
 
 from bench import common
 from bench import flops
+from bench import gpu_profile
+from bench import gpu_step
 from tests.conftest import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +62,7 @@ def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
 def test_gpu_step_imports_no_data_stack():
   """The GPU host has no grain/tfds/sentencepiece: the step's import chain must not need them."""
   code = ("from bench import gpu_step; gpu_step.install_guard()\n"
-          "from bench import common, flops\n"
+          "from bench import common, flops, gpu_profile\n"
           "from klip import train_state, train_step\n"
           "try:\n  import grain\nexcept ImportError as e:\n  print('blocked', e)\n")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -69,3 +71,28 @@ def test_gpu_step_imports_no_data_stack():
   assert out.returncode == 0, out.stderr
   assert "blocked" in out.stdout
   assert "sentencepiece" not in out.stderr
+
+
+def test_gpu_kernel_kinds():
+  """Kernel names as an H200 trace of base's step showed them."""
+  assert gpu_profile.kernel_kind("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT") == "gemm"
+  assert gpu_profile.kernel_kind("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_t") == "gemm"
+  assert gpu_profile.kernel_kind("gemm_fusion_dot_250") == "gemm"
+  assert gpu_profile.kernel_kind("memcpy128") == "copy"
+  assert gpu_profile.kernel_kind("input_reduce_fusion_12") == "input_reduce_fusion"
+  assert gpu_profile.kernel_kind("loop_add_fusion.3") == "loop_add_fusion"
+
+
+def test_gpu_kernel_table_refuses_a_trace_without_a_gpu(tmp_path):
+  path = gpu_profile.capture(lambda: jax.block_until_ready(jnp.ones(8) * 2), str(tmp_path))
+  assert os.path.getsize(path) > 0
+  with pytest.raises(ValueError, match="no GPU device plane"):
+    gpu_profile.kernel_table(path, steps=1)
+
+
+def test_gpu_step_set_overrides():
+  assert gpu_step.parse_set("model.remat_policy=none") == ("model.remat_policy", "none")
+  assert gpu_step.parse_set("loss.match_weight=0.0") == ("loss.match_weight", 0.0)
+  assert gpu_step.parse_set("model.scan_layers=False") == ("model.scan_layers", False)
+  with pytest.raises(Exception, match="KEY=VALUE"):
+    gpu_step.parse_set("batch")
