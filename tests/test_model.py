@@ -155,6 +155,13 @@ def test_bfloat16_forward_close_to_float32():
   for want, got in zip(f32(images, tokens), bf16(images, tokens)):
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(want, got, atol=0.05)
+  # the decoder's vocabulary product runs on bf16 operands and comes out float32
+  want = f32.decode_logits(f32.encode_image(images), tokens)
+  got = bf16.decode_logits(bf16.encode_image(images), tokens)
+  assert got.dtype == jnp.float32
+  jaxpr = str(jax.make_jaxpr(bf16.token_logits)(jnp.ones((2, config.text.width), jnp.bfloat16)))
+  assert f"bf16[2,{config.text.vocab_size}] = dot_general" in jaxpr, jaxpr
+  np.testing.assert_allclose(want, got, atol=0.1 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -127,8 +127,14 @@ class Model(nnx.Module):
     return self.decoder.extend(self.text.embed_at(new, positions), tokens, positions, caches)
 
   def token_logits(self, states: jax.Array) -> jax.Array:
-    """Float32 vocabulary logits [..., vocab], tied to the text tower's token embedding."""
-    return self.text.embed.attend(states.astype(jnp.float32))
+    """Float32 vocabulary logits [..., vocab], tied to the text tower's token embedding.
+
+    The product runs in the compute dtype (bf16 operands in bf16 models; float32 models are
+    unchanged) and is cast to float32 for the loss. Computed in float32 it ran as three tf32
+    GEMMs, 4.6 % of base's step on an H200 (bench/README.md, GPU)."""
+    dtype = self.text.dtype
+    table = self.text.embed.embedding[...].astype(dtype)
+    return jnp.einsum("...d,vd->...v", states.astype(dtype), table).astype(jnp.float32)
 
   def decode_logits(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
     """Next-token logits [B, L, vocab] float32: logits at t predict token t + 1."""
