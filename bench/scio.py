@@ -19,6 +19,8 @@ runs are the same computation up to there, so only what follows differs.
   python -m bench.scio --steps=400 --out_dir=workdirs/bench_scio_small
   # screening with and without clause-swap negatives in the matching loss, SCIO runs only
   python -m bench.scio --variant=tiny --clause_negatives=true --nobaseline --out_dir=...
+  # reconstruction with the field's 8 most frequent other values ranked beside the decoder's fill
+  python -m bench.scio --variant=tiny --steps=400 --fill_candidates=8 --nobaseline --out_dir=...
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ _FORK = flags.DEFINE_boolean(
     "fork_baseline", True,
     "Start the run without SCIO from the SCIO run's checkpoint at the last warm-up step (the "
     "two runs are the same computation up to there) instead of training it from scratch.")
+_CANDIDATES = flags.DEFINE_integer(
+    "fill_candidates", -1, "scio.fill_candidates: the field's most frequent other values ranked "
+    "with the decoder's fill in the reconstruct stage (-1: the variant's).")
 _SWAP = flags.DEFINE_enum("clause_negatives", "default", ["default", "true", "false"],
                           "loss.clause_negatives of both runs (default: the variant's).")
 
@@ -175,7 +180,7 @@ def _fork_from(src: str, dst: str, step: int) -> None:
 
 def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed: int,
         every_steps: int, slice_size: int, clause_negatives: str = "default",
-        baseline: bool = True, fork_baseline: bool = True) -> str:
+        baseline: bool = True, fork_baseline: bool = True, fill_candidates: int = -1) -> str:
   base = pretrain.get_config(variant)
   source = dataset_lib.source(data_dir, base.data.dataset, base.data.split)
   texts = [schema.structured_text(source[i]) for i in range(len(source))]
@@ -199,6 +204,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
     config.scio.slice_size = config.scio.slice_size if slice_size < 0 else slice_size
     if clause_negatives != "default":
       config.loss.clause_negatives = clause_negatives == "true"
+    if fill_candidates >= 0:
+      config.scio.fill_candidates = fill_candidates
     fork = math.ceil(config.scio.warmup_fraction * config.total_steps) - 1  # last warm-up step
     fork = fork if fork_baseline and baseline and fork > 0 else 0
     if fork and scio_on:  # keep a checkpoint at the fork for the run without SCIO
@@ -225,7 +232,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   lines = [f"SCIO benchmark: variant={variant}, steps={config.total_steps}, planted rate "
            f"{rate:.0%} of pixel-observable clauses ({len(planted)} clauses in "
            f"{len({i for i, _ in planted})} of {len(texts)} pairs); clause negatives "
-           f"{'on' if config.loss.clause_negatives else 'off'}",
+           f"{'on' if config.loss.clause_negatives else 'off'}; reconstruction candidates "
+           f"{config.scio.fill_candidates}",
            f"pairs rescored (at least once): {int(np.sum(final.scored_version >= 0))}; "
            f"passes: {len(rows)}", header, "-" * len(header)]
   total = Counts()
@@ -253,7 +261,7 @@ def main(argv):
                     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
   report = run(_VARIANT.value, _STEPS.value, _RATE.value, _DATA_DIR.value, _OUT_DIR.value,
                _SEED.value, _EVERY.value, _SLICE.value, _SWAP.value, _BASELINE.value,
-               _FORK.value)
+               _FORK.value, _CANDIDATES.value)
   with open(os.path.join(_OUT_DIR.value, "report.txt"), "w") as f:
     f.write(report + "\n")
   print(report, flush=True)

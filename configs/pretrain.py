@@ -74,12 +74,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # chunks of `batch_size`, screens each caption's clauses (margins on the rise of cosine and
   # match probability), proofreads (drops the flagged clause, weight = weight_floor +
   # (1 - weight_floor) * match probability) and, from reconstruct_from_fraction of total_steps
-  # on, refills the flagged value span (at most max_span tokens). A new table takes effect at
+  # on, refills the flagged value span (at most max_span tokens; with fill_candidates = N > 0
+  # the field's N most frequent other values compete with the fill, ranked by the decoder's
+  # log-likelihood of the caption: klip/scio/values.py). A new table takes effect at
   # the next epoch boundary. initial_table: a JSON pair table to start from instead of the
   # clean one. exit_in_pass_at_step: fault hook (SIGKILL inside that pass).
   c.scio = dict(enabled=variant != "smoke", every_steps=50, slice_size=64, batch_size=64,
                 warmup_fraction=1 / 3, reconstruct_from_fraction=2 / 3, margin_cosine=0.01,
-                margin_match=0.02, weight_floor=0.5, max_span=40, initial_table="",
+                margin_match=0.02, weight_floor=0.5, max_span=40, fill_candidates=0,
+                initial_table="",
                 exit_in_pass_at_step=-1)
   c.max_nonfinite_updates = 0  # skipped non-finite updates tolerated before the run stops
 

@@ -26,6 +26,7 @@ from klip.data import tokenizer as tokenizer_lib
 from klip.scio import rescore
 from klip.scio import schedule
 from klip.scio import table as table_lib
+from klip.scio import values as values_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
@@ -232,6 +233,14 @@ class OracleScorer:
       new_ids[r], new_clause[r] = self.tok.encode_caption(self._true(images[r]), self.max_len)
     return new_ids, new_clause
 
+  def rank(self, images, texts):
+    return self.score(images, texts)[0]
+
+
+def keep_fill(images, ids, clause, k):
+  """A decoder that writes back the value it was shown (no usable rewrite)."""
+  return ids.copy(), clause.copy()
+
 
 def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
     source, tok, data_dir):
@@ -263,6 +272,45 @@ def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
   assert result.metrics()["scio/flag_rate"] == len(plants) / 64
   fixed, result = rescore.run_pass(table, source, prep, tok, oracle.score, oracle.fill,
                                    stage=rescore.Stage.RECONSTRUCT, cfg=cfg, max_len=1000)
+  assert result.rewritten.sum() == len(plants)
+  for i, (k, _) in plants.items():
+    assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
+
+
+def test_value_pool_ranks_by_frequency_without_the_own_value():
+  sts = [text_lib.compose("target", ("2", "ships", "small", "the centre", "clustered", "sea",
+                                     v, "land")) for v in ("b", "a", "a", "c", "b", "a")]
+  pool = values_lib.ValuePool.from_texts(sts)
+  assert pool.others(sts[0], 6, 5) == ["a", "c"]  # a (3 times) first; its own value b left out
+  assert pool.others(sts[1], 6, 1) == ["b"]
+  assert pool.others(sts[1], 6, 5, exclude=("b",)) == ["c"]
+  assert pool.others(sts[0], 0, 5) == []  # every text has count "2"
+
+
+@pytest.mark.parametrize("n_values", [0, 64])
+def test_reconstruct_candidates_from_the_value_pool(source, tok, data_dir, n_values):
+  """A decoder that cannot write a new value repairs nothing alone; given the field's other
+  values to rank (by a ranking that knows the truth), it restores every planted clause."""
+  config = smoke_config(data_dir)
+  prep = _preprocess(tok, config)
+  values, plants = _planted(source, 64, 0.05)
+  table = _table(source, data_dir)
+  truth = {}
+  for i in range(64):
+    truth[prep.random_map((i, source[i]), None)["image"].tobytes()] = values[i]
+    if i in plants:
+      table.rewrites[i] = {plants[i][0]: plants[i][1]}
+  oracle = OracleScorer(tok, truth, 1000)
+  cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.02,
+                                       margin_match=0.02, fill_candidates=n_values))
+  fixed, result = rescore.run_pass(table, source, prep, tok, oracle.score, keep_fill,
+                                   stage=rescore.Stage.RECONSTRUCT, cfg=cfg, max_len=1000,
+                                   rank=oracle.rank,
+                                   pool=values_lib.ValuePool.from_source(source))
+  assert len(plants) >= 8 and np.sum(result.flagged >= 0) == len(plants)
+  if not n_values:
+    assert result.rewritten.sum() == 0 and fixed.rewrites == table.rewrites
+    return
   assert result.rewritten.sum() == len(plants)
   for i, (k, _) in plants.items():
     assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
@@ -318,7 +366,9 @@ def _final(workdir):
 @pytest.mark.slow
 def test_killed_in_a_rescoring_pass_and_resumed_equals_uninterrupted(data_dir, tmp_path):
   straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
-  common = ["--config.total_steps=20", "--config.checkpoint.every_steps=5"]
+  # the reconstruct passes (steps 12-20) also rank the value pool's candidates with the decoder
+  common = ["--config.total_steps=20", "--config.checkpoint.every_steps=5",
+            "--config.scio.fill_candidates=4"]
   out = _run_cli(straight, data_dir, *common)
   assert out.returncode == 0, out.stderr[-3000:]
   out = _run_cli(broken, data_dir, *common, "--config.scio.exit_in_pass_at_step=12")

@@ -12,8 +12,11 @@ its K + 1 texts. The decisions are made on the host:
                floor + (1 - floor) * match probability of the kept caption (`scio.weight_floor`):
                pairs the model still finds inconsistent count less, never below the floor.
   reconstruct  (last stage) the flagged value span is refilled greedily by `predict.fill_span`;
-               the rewrite is kept only if the rewritten caption beats the original on both
-               scores, and then the clause is no longer dropped.
+               with `scio.fill_candidates` = N > 0 the field's N most frequent other values
+               (`values.ValuePool`) compete with that fill, and the decoder's log-likelihood of
+               each whole caption (`predict.text_logprob`) picks one. The rewrite is kept only
+               if the rewritten caption beats the original on both scores, and then the clause
+               is no longer dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from klip import sharding
 from klip.data import chip as chip_lib
 from klip.data import schema
 from klip.data import text as text_lib
+from klip.data.tokenizer import DEC
 from klip.scio import table as table_lib
+from klip.scio import values as values_lib
 
 CLAUSES = len(chip_lib.TARGET_FIELDS)  # K: clauses per caption, the same in every family
 assert all(len(f) == CLAUSES for f in chip_lib.FAMILIES.values())
@@ -41,6 +46,7 @@ assert all(len(f) == CLAUSES for f in chip_lib.FAMILIES.values())
 ScoreFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 FillFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                   tuple[np.ndarray, np.ndarray]]
+RankFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class Stage(enum.IntEnum):
@@ -101,15 +107,28 @@ class ModelScorer:
     def image_tokens(state, images):
       return predict.embed_images(nnx.merge(graphdef, state).model, images)[1]
 
+    def logprobs(state, images, texts):
+      model = nnx.merge(graphdef, state).model
+      image_tokens = predict.embed_images(model, images)[1]
+      n, v, length = texts.shape
+      return predict.text_logprob(model, jnp.repeat(image_tokens, v, axis=0),
+                                  texts.reshape(n * v, length)).reshape(n, v)
+
     self._scores = jax.jit(scores, in_shardings=(state_shardings, batch(4), batch(3)),
                            out_shardings=(batch(2), batch(2)))
     self._image_tokens = jax.jit(image_tokens, in_shardings=(state_shardings, batch(4)),
                                  out_shardings=batch(3))
+    self._logprobs = jax.jit(logprobs, in_shardings=(state_shardings, batch(4), batch(3)),
+                             out_shardings=batch(2))
 
   def score(self, state, images: np.ndarray, texts: np.ndarray):
     """(cosine, match) [n, V] of images [n, H, W, C] against their texts [n, V, L]."""
     cosine, match = self._scores(state, images, texts)
     return np.asarray(cosine), np.asarray(match)
+
+  def rank(self, state, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """Decoder log-likelihood [n, V] of each of the V [DEC]-first texts [n, V, L] of image n."""
+    return np.asarray(self._logprobs(state, images, texts))
 
   def fill(self, state, images, ids, clause, k):
     """`predict.fill_span` (greedy) of clause k[b] of each row (-1: unchanged)."""
@@ -170,17 +189,50 @@ def _candidate(tokenizer, st, ids, clause, k) -> text_lib.StructuredText | None:
   return table_lib.rewritten(st, {k: value})
 
 
+def _choose(tokenizer, rank: RankFn, pool: values_lib.ValuePool, images: np.ndarray,
+            sts: list, flag: np.ndarray, fills: dict, n_values: int, max_len: int) -> dict:
+  """{row: rewritten text} for the flagged rows: the decoder's fill (`fills`, row -> text or
+  None) or one of the field's `n_values` most frequent other values, whichever caption the
+  decoder finds most likely given the image. Every row ranks 1 + n_values texts (repeats of
+  its first option where it has fewer), so the ranking function sees one shape."""
+  width = 1 + n_values
+  options = {}
+  for r in np.flatnonzero(flag >= 0):
+    k = int(flag[r])
+    free = [fills[r]] if fills.get(r) is not None else []
+    taken = tuple(c.values[k] for c in free)
+    options[r] = free + [table_lib.rewritten(sts[r], {k: v})
+                         for v in pool.others(sts[r], k, n_values, exclude=taken)]
+  options = {r: o for r, o in options.items() if o}
+  if not options:
+    return {}
+  texts = np.zeros((len(images), width, max_len), np.int32)
+  for r, opts in options.items():
+    for j in range(width):
+      texts[r, j] = tokenizer.encode_caption(opts[min(j, len(opts) - 1)], max_len)[0]
+  texts[:, :, 0] = DEC
+  logp = rank(images, texts)
+  return {r: opts[int(np.argmax(logp[r, :len(opts)]))] for r, opts in options.items()}
+
+
 def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: ScoreFn,
              fill: FillFn | None, *, stage: Stage, cfg, max_len: int,
+             rank: RankFn | None = None, pool: values_lib.ValuePool | None = None,
              after_chunk: Callable[[], None] | None = None):
   """Rescores the next slice of `table`; returns (table version + 1, PassResult).
 
   preprocess: the evaluation Preprocess (no augmentation, no table) that makes the images.
   score(images, texts [n, V, L]) -> (cosine, match) [n, V]; fill(images, ids, clause, k) ->
-  (ids, clause) as `predict.fill_span`, used in the RECONSTRUCT stage. Chunks have
+  (ids, clause) as `predict.fill_span`, used in the RECONSTRUCT stage, with rank(images,
+  texts [n, V, L]) -> decoder log-likelihoods [n, V] and the value `pool` when
+  `cfg.fill_candidates` > 0. Chunks have
   `cfg.batch_size` rows (the last one padded). `after_chunk` runs after each scored chunk (the
   trainer's fault hook).
   """
+  n_values = int(cfg.get("fill_candidates", 0))
+  if stage == Stage.RECONSTRUCT and n_values and (rank is None or pool is None):
+    raise ValueError(f"scio.fill_candidates={n_values} needs the decoder's ranking function "
+                     "and the value pool")
   start = time.time()
   new = table.copy()
   new.version = table.version + 1
@@ -226,6 +278,9 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
       new_ids, new_clause = fill(images, ids, clause, k)
       candidates = {r: _candidate(tokenizer, sts[r], new_ids[r], new_clause[r], flag[r])
                     for r in np.flatnonzero(flag >= 0)}
+      if n_values:
+        candidates = _choose(tokenizer, rank, pool, images, sts, flag, candidates,
+                             n_values, max_len)
       candidates = {r: c for r, c in candidates.items() if c is not None}
       if candidates:
         cand_texts = texts[:, :1].copy()

@@ -19,6 +19,7 @@ import time
 
 from klip.scio import rescore
 from klip.scio import table as table_lib
+from klip.scio import values as values_lib
 
 
 def stage_at(step: int, total_steps: int, cfg) -> rescore.Stage:
@@ -44,6 +45,7 @@ class Controller:
     self._preprocess = dataclasses.replace(preprocess, train=False, table=None, negatives=None)
     self.enabled = bool(self._cfg.enabled)
     self.pass_seconds = 0.0
+    self._pool = None  # values.ValuePool, counted at the first reconstruct pass that needs it
     self.active = self.pending = None
     self.pending_from = 0
     if not self.enabled:
@@ -91,11 +93,17 @@ class Controller:
     """Runs the pass of `step` on the newest table; returns its metrics (wall share: of the
     wall time since `wall_start`, this invocation's start)."""
     base = self.pending if self.pending is not None else self.active
+    stage = stage_at(step, self._total_steps, self._cfg)
+    start = time.time()
+    if stage == rescore.Stage.RECONSTRUCT and self._cfg.get("fill_candidates", 0) and \
+        self._pool is None:
+      self._pool = values_lib.ValuePool.from_source(self._source)
     table, result = rescore.run_pass(
         base, self._source, self._preprocess, self._tokenizer,
         functools.partial(scorer.score, state), functools.partial(scorer.fill, state),
-        stage=stage_at(step, self._total_steps, self._cfg), cfg=self._cfg,
-        max_len=self._max_len, after_chunk=after_chunk)
+        stage=stage, cfg=self._cfg, max_len=self._max_len,
+        rank=functools.partial(scorer.rank, state), pool=self._pool, after_chunk=after_chunk)
+    result = dataclasses.replace(result, seconds=time.time() - start)  # the pool counted in
     if self.pending is None:  # the next epoch boundary (or this one); a newer pending table
       self.pending_from = -(-examples_seen // len(table)) * len(table)  # keeps the old one's
     self.pending = table
