@@ -242,10 +242,10 @@ def keep_fill(images, ids, clause, k):
   return ids.copy(), clause.copy()
 
 
-def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
-    source, tok, data_dir):
-  config = smoke_config(data_dir)
-  prep = _preprocess(tok, config)
+def _planted_oracle(source, tok, data_dir, **scio):
+  """(preprocess, true texts, plants, table with the plants, oracle, SCIO config) over the
+  first 64 pairs."""
+  prep = _preprocess(tok, smoke_config(data_dir))
   values, plants = _planted(source, 64, 0.05)
   table = _table(source, data_dir)
   truth = {}
@@ -256,7 +256,13 @@ def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
       table.rewrites[i] = {k: wrong}  # plant the wrong value through the table's rewrites
   oracle = OracleScorer(tok, truth, 1000)  # long enough for every clause
   cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.02,
-                                       margin_match=0.02))
+                                       margin_match=0.02, **scio))
+  return prep, values, plants, table, oracle, cfg
+
+
+def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
+    source, tok, data_dir):
+  prep, values, plants, table, oracle, cfg = _planted_oracle(source, tok, data_dir)
   proof, result = rescore.run_pass(table, source, prep, tok, oracle.score, oracle.fill,
                                    stage=rescore.Stage.PROOFREAD, cfg=cfg, max_len=1000)
   found = {int(i): int(k) for i, k in zip(result.rows, result.flagged) if k >= 0}
@@ -291,18 +297,8 @@ def test_value_pool_ranks_by_frequency_without_the_own_value():
 def test_reconstruct_candidates_from_the_value_pool(source, tok, data_dir, n_values):
   """A decoder that cannot write a new value repairs nothing alone; given the field's other
   values to rank (by a ranking that knows the truth), it restores every planted clause."""
-  config = smoke_config(data_dir)
-  prep = _preprocess(tok, config)
-  values, plants = _planted(source, 64, 0.05)
-  table = _table(source, data_dir)
-  truth = {}
-  for i in range(64):
-    truth[prep.random_map((i, source[i]), None)["image"].tobytes()] = values[i]
-    if i in plants:
-      table.rewrites[i] = {plants[i][0]: plants[i][1]}
-  oracle = OracleScorer(tok, truth, 1000)
-  cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.02,
-                                       margin_match=0.02, fill_candidates=n_values))
+  prep, values, plants, table, oracle, cfg = _planted_oracle(source, tok, data_dir,
+                                                             fill_candidates=n_values)
   fixed, result = rescore.run_pass(table, source, prep, tok, oracle.score, keep_fill,
                                    stage=rescore.Stage.RECONSTRUCT, cfg=cfg, max_len=1000,
                                    rank=oracle.rank,
