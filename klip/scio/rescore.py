@@ -193,8 +193,8 @@ def _choose(tokenizer, rank: RankFn, pool: values_lib.ValuePool, images: np.ndar
             sts: list, flag: np.ndarray, fills: dict, n_values: int, max_len: int) -> dict:
   """{row: rewritten text} for the flagged rows: the decoder's fill (`fills`, row -> text or
   None) or one of the field's `n_values` most frequent other values, whichever caption the
-  decoder finds most likely given the image. Every row ranks 1 + n_values texts (repeats of
-  its first option where it has fewer), so the ranking function sees one shape."""
+  decoder finds most likely given the image. Every row ranks 1 + n_values texts (its last
+  option repeated where it has fewer), so the ranking function sees one shape."""
   width = 1 + n_values
   options = {}
   for r in np.flatnonzero(flag >= 0):
