@@ -258,6 +258,28 @@ def test_encoder_layers_standalone():
   np.testing.assert_allclose(out[:, :-1], changed[:, :-1], atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_heads", [None, 1, 4])
+def test_attention_equals_jax_reference(mask_heads):
+  """The heads-major attention computes jax.nn.dot_product_attention's maths, gradients too."""
+  kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(kq, (2, 5, 4, 8))
+  k, v = jax.random.normal(kk, (2, 7, 4, 8)), jax.random.normal(kv, (2, 7, 4, 8))
+  mask = None
+  if mask_heads:
+    mask = jax.random.bernoulli(km, 0.7, (2, mask_heads, 5, 7)).at[..., 0].set(True)
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  for g, g_ref in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+                      jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)
+  half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = ours(*half)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), ref(q, k, v), atol=0.05)
+
+
 def test_cross_attention_shapes():
   attention = layers.Attention(32, 4, kv_width=16, rngs=nnx.Rngs(0))
   x, kv = jnp.ones((2, 5, 32)), jnp.ones((2, 7, 16))
