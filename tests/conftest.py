@@ -14,9 +14,15 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("KLIP_TEST_CACHE", os.path.join(_ROOT, ".cache", "jax")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The persistent compilation cache, also for the training and evaluation processes the tests
+# start (jax reads these variables): a kill-and-resume test's second and third runs reuse the
+# first one's compiled programs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.environ.get("KLIP_TEST_CACHE", os.path.join(_ROOT, ".cache", "jax")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 SMOKE_CHIPS, SMOKE_SIZE = 160, 32
 

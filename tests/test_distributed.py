@@ -142,10 +142,7 @@ def test_multislice_mesh_puts_slices_on_the_first_axis():
 # Two processes x two CPU devices against one process x four.
 # ---------------------------------------------------------------------------------------------
 def _env():
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.environ.get(
-                 "KLIP_TEST_CACHE", os.path.join(ROOT, ".cache", "jax")))
-  return env
+  return dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
 
 
 def _train_args(workdir, data_dir, *overrides):
