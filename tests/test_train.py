@@ -185,6 +185,32 @@ def test_nonfinite_update_is_skipped_when_tolerated(data_dir, tmp_path):
   assert rows[2]["param_norm"] == rows[1]["param_norm"]
 
 
+def test_nonfinite_step_leaves_the_whole_state_unchanged(data_dir):
+  """A skipped update keeps parameters and optimizer state bitwise; only the counter moves."""
+  from klip import train_step  # pylint: disable=g-import-not-at-top
+  config = smoke_config(data_dir, **{"debug.nonfinite_at_step": 2})
+  mesh = sharding.make_mesh(dict(slice=1, data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  rules = config.sharding_rules
+  graphdef, state, _ = train_state.create(config, mesh, rules)
+  flat = lambda s: {jax.tree_util.keystr(k): np.asarray(v)
+                    for k, v in jax.tree_util.tree_leaves_with_path(s)}
+  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+    step_fn = jax.jit(train_step.make_train_step(config, graphdef))
+    batch = _random_batch(config)
+    state, _ = step_fn(state, batch, 0)  # the learning rate warms up from 0 at step 0
+    s0 = flat(state)
+    state, _ = step_fn(state, batch, 1)
+    s1 = flat(state)
+    state, metrics = step_fn(state, batch, 2)
+    s2 = flat(state)
+  assert int(metrics["nonfinite_updates"]) == 1
+  moved = {k for k in s0 if not np.array_equal(s0[k], s1[k])}
+  assert any("opt_state" in k and "mu" in k for k in moved), sorted(moved)  # step 1 updated
+  assert any("model" in k and "kernel" in k for k in moved), sorted(moved)
+  changed = {k for k in s1 if not np.array_equal(s1[k], s2[k])}
+  assert changed == {k for k in s1 if "nonfinite" in k}, sorted(changed)
+
+
 def _final_params(workdir):
   from klip import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   return checkpoint_lib.read_params(workdir)
