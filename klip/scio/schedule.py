@@ -17,6 +17,8 @@ import functools
 import json
 import time
 
+import jax
+
 from klip.scio import rescore
 from klip.scio import table as table_lib
 from klip.scio import values as values_lib
@@ -94,6 +96,9 @@ class Controller:
     wall time since `wall_start`, this invocation's start)."""
     base = self.pending if self.pending is not None else self.active
     stage = stage_at(step, self._total_steps, self._cfg)
+    # The train steps dispatched before the pass may still be running (dispatch is
+    # asynchronous); their time is training's, not the pass's.
+    jax.block_until_ready(state)
     start = time.time()
     if stage == rescore.Stage.RECONSTRUCT and self._cfg.get("fill_candidates", 0) and \
         self._pool is None:
