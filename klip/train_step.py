@@ -55,28 +55,29 @@ def make_train_step(config, graphdef):
       loss = jnp.where(step == config.debug.nonfinite_at_step, jnp.nan, loss)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite update is skipped (the counter counts it): the optimizer runs inside a
-    # conditional whose other branch returns the old state. Selecting each new array against
-    # its old value instead split XLA's fusions, and the donated optimizer state was copied
-    # every step (B1's ViT-Ti step 3.6 % slower on CPU).
-    keep = lambda new, old: jnp.where(finite, new, old)
     opt = ts.optimizer
     params = nnx.as_pure(nnx.state(ts.model, nnx.Param))
     opt_state = nnx.as_pure(opt.opt_state)
     lr = optim.schedule(config)(opt.step[...])
 
     def apply(operands):
-      grads, params, opt_state = operands
-      updates, new_opt_state = opt.tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_opt_state
+      g, p, s = operands
+      updates, new_s = opt.tx.update(g, s, p)
+      return optax.apply_updates(p, updates), new_s
 
+    # A non-finite update is skipped (the counter counts it): the optimizer runs inside a
+    # conditional whose other branch returns the old state. Selecting each new array against
+    # its old value instead split XLA's fusions, and the donated optimizer state was copied
+    # every step (B1's ViT-Ti step 3.6 % slower on CPU).
     new_params, new_opt_state = jax.lax.cond(finite, apply, lambda o: o[1:],
                                               (nnx.as_pure(grads), params, opt_state))
     nnx.update(ts.model, new_params)
     nnx.update(opt.opt_state, nnx.state(new_opt_state))
     opt.step[...] = opt.step[...] + finite.astype(opt.step.dtype)
     if mcfg.enabled:
-      # EMA of the model into the momentum encoders; the batch's momentum features enqueued.
+      # EMA of the model into the momentum encoders; the batch's momentum features enqueued
+      # (both kept as they were on a skipped update).
+      keep = lambda new, old: jnp.where(finite, new, old)
       old = nnx.as_pure(nnx.state(ts.momentum, nnx.Param))
       ema = jax.tree.map(lambda m, p: mcfg.decay * m + (1 - mcfg.decay) * p, old, new_params)
       nnx.update(ts.momentum, jax.tree.map(keep, ema, old))
