@@ -280,6 +280,52 @@ def test_attention_equals_jax_reference(mask_heads):
   np.testing.assert_allclose(out.astype(jnp.float32), ref(q, k, v), atol=0.05)
 
 
+@pytest.mark.parametrize("lengths", [(5, 7), (6, 7), (5, 6), (6, 8)])
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, -1), (2, 4, -2, -1)])
+def test_cudnn_attention_padding_keeps_the_maths(monkeypatch, lengths, mask_shape):
+  """cuDNN's attention pads odd lengths by one (an unattended key, a dropped query row): run
+  through the XLA kernel in cuDNN's place (no GPU here), outputs and gradients are the
+  unpadded attention's, and what reaches the kernel has even lengths."""
+  lq, lk = lengths
+  kq, kk, kv, km = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(kq, (2, lq, 4, 8))
+  k, v = jax.random.normal(kk, (2, lk, 4, 8)), jax.random.normal(kv, (2, lk, 4, 8))
+  mask = None
+  if mask_shape:
+    shape = tuple({-1: lk, -2: lq}.get(n, n) for n in mask_shape)
+    mask = jax.random.bernoulli(km, 0.7, shape).at[..., 0].set(True)
+  seen = []
+  xla_attention = jax.nn.dot_product_attention
+
+  def fake_cudnn(q, k, v, *, mask=None, key_value_seq_lengths=None, implementation=None):
+    assert implementation == "cudnn"
+    seen.append((q.shape[1], k.shape[1]))
+    return xla_attention(q, k, v, mask=mask, key_value_seq_lengths=key_value_seq_lengths,
+                         implementation="xla")
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, "cudnn")
+  ref = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, "xla")
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  for g, g_ref in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+                      jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)
+  assert seen and all(a % 2 == 0 and b % 2 == 0 for a, b in seen), seen
+
+
+def test_attention_implementation_is_resolved_and_checked():
+  """'auto' takes XLA's kernel off NVIDIA GPUs and in float32; 'cudnn' refuses float32."""
+  assert layers.Attention(32, 4, rngs=nnx.Rngs(0)).implementation == "xla"
+  expected = "cudnn" if "nvidia" in jax.devices()[0].device_kind.lower() else "xla"
+  assert layers.resolve_attention("auto", jnp.bfloat16) == expected
+  assert layers.resolve_attention("auto", jnp.float32) == "xla"
+  with pytest.raises(ValueError, match="cudnn.*bfloat16"):
+    layers.Attention(32, 4, implementation="cudnn", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    layers.Attention(32, 4, implementation="flash", rngs=nnx.Rngs(0))
+
+
 def test_cross_attention_shapes():
   attention = layers.Attention(32, 4, kv_width=16, rngs=nnx.Rngs(0))
   x, kv = jnp.ones((2, 5, 32)), jnp.ones((2, 7, 16))

@@ -24,6 +24,7 @@ from klip import sharding
 RESIDUAL = ("batch", "length", "embed")
 HEADS = ("batch", "length", "heads", "kv")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 DENSE_INIT = nnx.initializers.xavier_uniform()
@@ -64,16 +65,37 @@ class Mlp(nnx.Module):
     return self.fc2(sharding.constrain(h, ("batch", "length", "mlp")))
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v over q [B, Lq, H, d], k and v [B, Lk, H, d]; boolean `mask`
-  [B, 1 or H, Lq, Lk] (True = attend). Logits and softmax in float32, result in v's dtype.
+def resolve_attention(implementation: str, dtype) -> str:
+  """The attention kernel, 'xla' or 'cudnn', for the config's `implementation` and compute
+  `dtype`: 'auto' takes cuDNN's fused attention where it runs (NVIDIA GPUs, bfloat16 or
+  float16), else XLA's. Raises ValueError for an unknown name, or 'cudnn' in float32."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if implementation == "cudnn" and not half:
+    raise ValueError(f"attention 'cudnn' (NVIDIA GPUs) needs model.dtype bfloat16 or float16, "
+                     f"got {jnp.dtype(dtype).name}")
+  if implementation == "auto":
+    device = jax.devices()[0]
+    nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+    return "cudnn" if nvidia and half else "xla"
+  return implementation
 
-  The same maths as `jax.nn.dot_product_attention`'s XLA path, written heads-major: that path
-  reshapes to a grouped-query layout whose backward pass copies [B, H, Lq, Lk] arrays in 5-D
-  layouts, and XLA:CPU ran its batched matmuls at half torch's rate; this form made B1's ViT-Ti
-  step 3.7 % faster (bench/README.md).
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over q [B, Lq, H, d], k and v [B, Lk, H, d]; boolean `mask`
+  [B, 1 or H, 1 or Lq, Lk] (True = attend). Result in v's dtype.
+
+  'xla': logits and softmax in float32, the same maths as `jax.nn.dot_product_attention`'s XLA
+  path written heads-major: that path reshapes to a grouped-query layout whose backward pass
+  copies [B, H, Lq, Lk] arrays in 5-D layouts, and XLA:CPU ran its batched matmuls at half
+  torch's rate; this form made B1's ViT-Ti step 3.7 % faster (bench/README.md).
+  'cudnn': cuDNN's fused (flash) attention, NVIDIA GPUs only (`cudnn_attention`).
   """
+  if implementation == "cudnn":
+    return cudnn_attention(q, k, v, mask)
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, d]
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   logits = logits * (q.shape[-1] ** -0.5)
@@ -83,14 +105,47 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
+def _pad_length(x: jax.Array, axis: int, pad: int, value=0) -> jax.Array:
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    mask: jax.Array | None = None) -> jax.Array:
+  """`dot_product_attention` through cuDNN's fused attention (`jax.nn.dot_product_attention`,
+  implementation 'cudnn'): the [B, H, Lq, Lk] logits are never written to memory.
+
+  cuDNN's training kernels take even sequence lengths only (jax 0.11 refuses the ViT's 197
+  tokens), so an odd length is padded by one: an extra key that no query attends to (a key
+  length when there is no mask, a False mask column otherwise) and an extra query row that is
+  dropped. A mask becomes an additive bias over [B, 1 or H, Lq, Lk].
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  pad_q, pad_k = lq % 2, lk % 2
+  q = _pad_length(q, 1, pad_q)
+  k, v = _pad_length(k, 1, pad_k), _pad_length(v, 1, pad_k)
+  kv_lengths = None
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (lq, lk))
+    mask = _pad_length(_pad_length(mask, 2, pad_q, True), 3, pad_k, False)
+  elif pad_k:
+    kv_lengths = jnp.full((q.shape[0],), lk, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_lengths,
+                                     implementation="cudnn")
+  return out[:, :lq]
+
+
 class Attention(nnx.Module):
   """Multi-head attention: queries from `x`, keys and values from `kv` (default `x`).
 
-  `kv_width` is the feature size of `kv` when it differs from `width` (cross-attention).
+  `kv_width` is the feature size of `kv` when it differs from `width` (cross-attention);
+  `implementation`: 'auto', 'xla' or 'cudnn' (`resolve_attention`).
   """
 
   def __init__(self, width: int, heads: int, *, kv_width: int | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, implementation: str = "auto", rngs: nnx.Rngs):
+    self.implementation = resolve_attention(implementation, dtype)
     if width % heads:
       raise ValueError(f"attention width {width} is not divisible by {heads} heads")
     head_dim = width // heads
@@ -121,7 +176,7 @@ class Attention(nnx.Module):
              mask: jax.Array | None = None) -> jax.Array:
     """Queries from `x` [B, Lq, D] attend to keys and values from `keys_values`."""
     q = sharding.constrain(self.query(x), HEADS)
-    return self.out(dot_product_attention(q, k, v, mask))
+    return self.out(dot_product_attention(q, k, v, mask, self.implementation))
 
 
 class KVCache(NamedTuple):
@@ -142,12 +197,13 @@ class Block(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, cross_width: int | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, attention: str = "auto", rngs: nnx.Rngs):
     self.norm1 = layer_norm(width, dtype, rngs)
-    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, heads, dtype=dtype, implementation=attention, rngs=rngs)
     if cross_width:
       self.norm_cross = layer_norm(width, dtype, rngs)
-      self.cross_attn = Attention(width, heads, kv_width=cross_width, dtype=dtype, rngs=rngs)
+      self.cross_attn = Attention(width, heads, kv_width=cross_width, dtype=dtype,
+                                  implementation=attention, rngs=rngs)
     else:
       self.cross_attn = None
     self.norm2 = layer_norm(width, dtype, rngs)
@@ -226,7 +282,8 @@ class Encoder(nnx.Module):
 
   def __init__(self, depth: int, width: int, heads: int, mlp_dim: int, *,
                cross_width: int | None = None, scan: bool = False,
-               remat_policy: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
+               remat_policy: str = "none", dtype=jnp.float32, attention: str = "auto",
+               rngs: nnx.Rngs):
     check_remat_policy(remat_policy)
     self.scan = scan
     self.remat_policy = remat_policy
@@ -234,7 +291,7 @@ class Encoder(nnx.Module):
     if depth < 1:
       raise ValueError(f"an Encoder needs depth >= 1, got {depth}")
     make_unit = functools.partial(Block, width, heads, mlp_dim, cross_width=cross_width,
-                                  dtype=dtype)
+                                  dtype=dtype, attention=attention)
     if scan:
       @nnx.split_rngs(splits=depth)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)

@@ -45,7 +45,8 @@ def _stack(config, depth: int, cross: bool, *, rngs: nnx.Rngs) -> Encoder:
   text = config.text
   return Encoder(depth, text.width, text.heads, text.mlp_dim,
                  cross_width=config.vit.width if cross else None, scan=config.scan_layers,
-                 remat_policy=config.remat_policy, dtype=jnp.dtype(config.dtype), rngs=rngs)
+                 remat_policy=config.remat_policy, dtype=jnp.dtype(config.dtype),
+                 attention=config.get("attention", "auto"), rngs=rngs)
 
 
 class TextStates(NamedTuple):

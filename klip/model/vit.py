@@ -63,7 +63,8 @@ class ViT(nnx.Module):
         param(POSEMB_INIT, ("length", "embed"))(rngs.params(), (self.grid ** 2, vit.width)))
     self.encoder = Encoder(vit.depth, vit.width, vit.heads, vit.mlp_dim,
                            scan=config.scan_layers, remat_policy=config.remat_policy,
-                           dtype=self.dtype, rngs=rngs)
+                           dtype=self.dtype, attention=config.get("attention", "auto"),
+                           rngs=rngs)
     self.norm = layer_norm(vit.width, self.dtype, rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
