@@ -5,7 +5,7 @@
 # $OUT/gpu.json (else bench/out/gpu.json). A few minutes: compile, then 10 steps.
 #
 #   bench/gpu.sh                     # on the GPU host
-#   bench/gpu.sh --batch=64          # if 128 does not fit (it also halves by itself on OOM)
+#   bench/gpu.sh --batch=128         # if 256 does not fit (it also halves by itself on OOM)
 #   bench/gpu.sh --small             # CPU check at tiny shapes (uses .venv)
 #
 # The GPU host has jax (CUDA), flax, optax and orbax, no network and no grain/tfds/

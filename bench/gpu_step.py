@@ -1,8 +1,8 @@
 r"""GPU benchmark: the `base` config's full multi-objective train step, bf16, one accelerator.
 
 configs/pretrain.py:base (ViT-B/16 at 224 px, 12 x 768 text tower whose top 3 blocks
-cross-attend for matching, 2-block decoder, 160 tokens, vocabulary 32,000; bf16, scanned layers,
-remat `dots_saveable`) trained by the project's step (`klip.train_step.make_train_step`) on
+cross-attend for matching, 2-block decoder, 160 tokens, vocabulary 32,000; bf16, unrolled
+layers, remat `dots_saveable`, attention "auto": cuDNN's fused kernel on the GPU) trained by the project's step (`klip.train_step.make_train_step`) on
 synthetic in-memory batches. Prints examples/s, matmul FLOPs per example
 (analytic and from the compiled HLO), achieved TFLOP/s, MFU against the 989 TFLOP/s dense bf16
 peak of an H100/H200, and the fraction of a bf16 matmul measured in the same run; writes them to
@@ -14,10 +14,10 @@ tokenizer module imports SentencePiece only when a tokenizer is loaded). `--smal
 path on CPU at tiny shapes, to prove it works end to end.
 
   bench/gpu.sh                        # on the GPU host (a few minutes: compile + 10 steps)
-  bench/gpu.sh --batch=64 --steps=5
+  bench/gpu.sh --batch=128 --steps=5
   bench/gpu.sh --small                # CPU, tiny shapes
-  bench/gpu.sh --batch=256 --set=model.remat_policy=none --tag=noremat   # a variant
-  bench/gpu.sh --batch=256 --profile  # also: GPU kernel time by kind (bench/gpu_profile.py)
+  bench/gpu.sh --set=model.attention=xla --tag=xla_attention   # a variant
+  bench/gpu.sh --profile              # also: GPU kernel time by kind (bench/gpu_profile.py)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
+import gzip
 import importlib.abc
 import importlib.util
 import os
@@ -62,27 +63,40 @@ def check_required() -> None:
 
 
 def small_config(common, batch: int, **overrides):
-  """tiny's shapes with base's compute settings (bf16, scan, remat), for a CPU check."""
+  """tiny's shapes with base's compute settings (bf16, remat), for a CPU check."""
   return common.variant_config(
-      "tiny", batch_size=batch, **{"model.dtype": "bfloat16", "model.scan_layers": True,
-                                   "model.remat_policy": "dots_saveable", **overrides})
+      "tiny", batch_size=batch, **{"model.dtype": "bfloat16", "model.remat_policy": "dots_saveable",
+                                   **overrides})
 
 
-def profile(ps, matmul_flops: float, step_s: float, log, common) -> dict:
-  """Traces two steps; prints GPU kernel time by kind and the GEMM kernels' own rate; returns
-  the GEMM and copy shares of kernel time and that rate."""
+def profile(ps, dot_flops: float, step_s: float, log, common, name: str) -> dict:
+  """Traces two steps; prints GPU kernel time by kind and the costliest kernels by name, and the
+  GEMM kernels' own rate (`dot_flops`: the HLO's dots, which the GEMM kernels run; cuDNN's
+  attention is a custom call outside them); writes the compiled step's HLO (gzipped) beside the
+  trace, to look the kernels' fusions up in; returns the GEMM, attention and copy shares of
+  kernel time and the GEMM rate."""
   from bench import gpu_profile  # pylint: disable=g-import-not-at-top
   path = gpu_profile.capture(lambda: ps.run(2), common.OUT_DIR)
   table = gpu_profile.kernel_table(path, steps=2)
-  log(f"\nGPU kernels per step (trace of 2 steps, {path}): busy {table['busy_s'] * 1e3:.1f} ms "
-      f"of a {table['span_s'] * 1e3:.1f} ms span; timed step {step_s * 1e3:.1f} ms")
-  log(common.table([[k, s * 1e3, f"{share:.1%}", n] for k, s, share, n in table["kinds"][:16]],
+  hlo_path = os.path.join(common.OUT_DIR, f"{name}.hlo.txt.gz")
+  with gzip.open(hlo_path, "wt") as f:
+    f.write(ps.compiled.as_text())
+  log(f"\nGPU kernels per step (trace of 2 steps, {path}; compiled HLO {hlo_path}): busy "
+      f"{table['busy_s'] * 1e3:.1f} ms of a {table['span_s'] * 1e3:.1f} ms span; timed step "
+      f"{step_s * 1e3:.1f} ms")
+  log(common.table([[k[:60], s * 1e3, f"{share:.1%}", n]
+                    for k, s, share, n in table["kinds"][:16]],
                    ["kernel kind", "ms/step", "share", "launches/step"]))
+  log(common.table([[k[:90], s * 1e3, f"{share:.1%}", n]
+                    for k, s, share, n in table["kernels"][:40]],
+                   ["kernel", "ms/step", "share", "launches/step"]))
   share = {k: sh for k, _, sh, _ in table["kinds"]}
   gemm_s = sum(s for k, s, _, _ in table["kinds"] if k == "gemm")
   figures = {"gemm_share": share.get("gemm", 0.0), "copy_share": share.get("copy", 0.0),
-             "gemm_kernel_tflops": matmul_flops / gemm_s / 1e12 if gemm_s else 0.0}
-  log(f"GEMM kernels: {figures['gemm_kernel_tflops']:.0f} TFLOP/s (matmul FLOPs / GEMM time)")
+             "attention_share": share.get("cudnn attention", 0.0),
+             "gemm_kernel_tflops": dot_flops / gemm_s / 1e12 if gemm_s else 0.0}
+  log(f"GEMM kernels: {figures['gemm_kernel_tflops']:.0f} TFLOP/s (the HLO's dot FLOPs / GEMM "
+      "kernel time)")
   return figures
 
 
@@ -102,7 +116,7 @@ def parse_set(text: str) -> tuple[str, object]:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--small", action="store_true", help="tiny shapes on CPU")
-  p.add_argument("--batch", type=int, default=0, help="0: 128 (base), 8 (--small)")
+  p.add_argument("--batch", type=int, default=0, help="0: 256 (base), 8 (--small)")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul", type=int, default=0, help="calibration size (0: 8192, 1024 small)")
@@ -130,7 +144,7 @@ def main(argv=None) -> dict:
       f"{jax.device_count()}; {common.versions()}; python {sys.version.split()[0]}")
   if not args.small and dev.platform == "cpu":
     sys.exit("bench.gpu_step: no accelerator visible to jax (use --small for the CPU check)")
-  batch = args.batch or (8 if args.small else 128)
+  batch = args.batch or (8 if args.small else 256)
 
   overrides = dict(args.set)
 
@@ -168,7 +182,7 @@ def main(argv=None) -> dict:
   times = ps.run(args.steps)
   step_s = common.median(times)
   mm_n = args.matmul or (1024 if args.small else 8192)
-  calib = common.MatmulCalibration(n=mm_n, dtype="bfloat16")
+  calib = common.MatmulCalibration(n=mm_n, dtype="bfloat16", inner=1 if args.small else 10)
   mm = calib.measure(reps=10)
   times2 = ps.run(max(2, args.steps // 2))  # again after the calibration: drift check
   loss = float(ps.last_metrics["loss"])
@@ -210,9 +224,9 @@ def main(argv=None) -> dict:
   log(common.table([[k, v / batch / 1e9, f"{v / total:.1%}"]
                     for k, v in sorted(count.train.items(), key=lambda kv: -kv[1])],
                    ["component", "GFLOP", "share"]))
-  if args.profile:
-    figures.update(profile(ps, analytic, step_s, log, common))
   name = ("gpu_small" if args.small else "gpu") + (f"_{args.tag}" if args.tag else "")
+  if args.profile:
+    figures.update(profile(ps, xla["matmul"], step_s, log, common, name))
   common.record(name, figures, load_start=load_start)
   log(f"\nwrote {os.path.join(common.OUT_DIR, name + '.json')}")
   return figures

@@ -79,6 +79,11 @@ def test_gpu_kernel_kinds():
   assert gpu_profile.kernel_kind("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_t") == "gemm"
   assert gpu_profile.kernel_kind("gemm_fusion_dot_250") == "gemm"
   assert gpu_profile.kernel_kind("memcpy128") == "copy"
+  assert gpu_profile.kernel_kind(
+      "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1"
+      "_kernel0") == "cudnn attention"
+  assert gpu_profile.kernel_kind("void cudnn::fusion::convert_dq_to_16bits<true>(void const*)"
+                                 ) == "cudnn attention"
   assert gpu_profile.kernel_kind("input_reduce_fusion_12") == "input_reduce_fusion"
   assert gpu_profile.kernel_kind("loop_add_fusion.3") == "loop_add_fusion"
 
