@@ -7,9 +7,12 @@ without: no pass ever runs), and prints per field and overall, on the pairs SCIO
 screening precision / recall / F1 against the planted errors (a clause counts as flagged if
 the final table drops it or SCIO rewrote it), reconstruction exact-match accuracy of SCIO's
 rewrites against the true values, SCIO's cost per rescored pair and share of wall time, and
-retrieval recall on the test split with and without SCIO. The run without SCIO starts from
-the SCIO run's checkpoint at the last warm-up step (`--fork_baseline`, on by default): the two
-runs are the same computation up to there, so only what follows differs.
+retrieval recall on the test split with and without SCIO, and how often the final SCIO model
+scores a caption above the same caption with one planted value on its own image (per field; the
+ceiling any screening rule on those scores works under; bench/scio_quality.py). The run
+without SCIO starts from the SCIO run's checkpoint at the last warm-up step
+(`--fork_baseline`, on by default): the two runs are the same computation up to there, so only
+what follows differs.
 
   # tiny, shortened: two 150-step runs, about 12 minutes on 2 cores (seen on a loaded machine;
   # corpus: configs/pretrain.py's docstring)
@@ -25,30 +28,24 @@ runs are the same computation up to there, so only what follows differs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
-from flax import nnx
 
+from bench import scio_quality as quality
 from configs import pretrain
 from klip import checkpoint as checkpoint_lib
 from klip import metrics_writer
-from klip import predict
 from klip import train
-from klip.data import chip as chip_lib
 from klip.data import dataset as dataset_lib
-from klip.data import pipeline
 from klip.data import schema
-from klip.model import two_tower
 from klip.scio import table as table_lib
 
 
@@ -73,96 +70,6 @@ _SWAP = flags.DEFINE_enum("clause_negatives", "default", ["default", "true", "fa
                           "loss.clause_negatives of both runs (default: the variant's).")
 
 
-@dataclasses.dataclass
-class Counts:
-  """Screening and reconstruction counts of one field (or all)."""
-  planted: int = 0
-  flagged: int = 0
-  hits: int = 0
-  rewrites: int = 0
-  exact: int = 0
-
-  def add(self, other: Counts) -> None:
-    for f in dataclasses.fields(self):
-      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-  def row(self, name: str) -> str:
-    p = self.hits / self.flagged if self.flagged else float("nan")
-    r = self.hits / self.planted if self.planted else float("nan")
-    f1 = 2 * p * r / (p + r) if p + r > 0 else float("nan")
-    acc = self.exact / self.rewrites if self.rewrites else float("nan")
-    return (f"{name:<14}{self.planted:>8}{self.flagged:>8}{p:>10.3f}{r:>8.3f}{f1:>8.3f}"
-            f"{self.rewrites:>9}{acc:>10.3f}")
-
-
-def plant(texts, ids, dataset: str, rate: float, seed: int):
-  """(initial table with planted rewrites, {(row, clause): true value})."""
-  rng = np.random.default_rng(seed)
-  pool = {}
-  for st in texts:
-    for k, name in enumerate(st.field_names):
-      pool.setdefault((st.family, name), set()).add(st.values[k])
-  pool = {key: sorted(v) for key, v in pool.items()}
-  table = table_lib.PairTable.initial(dataset, ids)
-  planted = {}
-  for i, st in enumerate(texts):
-    for k, name in enumerate(st.field_names):
-      others = [v for v in pool[(st.family, name)] if v != st.values[k]]
-      if name in chip_lib.OBSERVABLE_FIELDS and others and rng.random() < rate:
-        table.rewrites.setdefault(i, {})[k] = others[int(rng.integers(len(others)))]
-        planted[(i, k)] = st.values[k]
-  return table, planted
-
-
-def screening(final: table_lib.PairTable, initial: table_lib.PairTable, texts, planted):
-  """Counts per field name over the rows SCIO rescored."""
-  counts = {}
-  for i in np.flatnonzero(final.scored_version >= 0):
-    st = texts[i]
-    for k, name in enumerate(st.field_names):
-      start = initial.rewrites.get(i, {}).get(k, st.values[k])
-      now = final.rewrites.get(i, {}).get(k, st.values[k])
-      rewritten = now != start
-      flagged = rewritten or final.dropped[i] == k
-      c = Counts(planted=int((i, k) in planted), flagged=int(flagged),
-                 hits=int(flagged and (i, k) in planted), rewrites=int(rewritten),
-                 exact=int(rewritten and now == st.values[k]))
-      counts.setdefault(name, Counts()).add(c)
-  return counts
-
-
-def retrieval(config, workdir: str, data_dir: str) -> dict[str, float]:
-  """Image->text and text->image recall@1/5 of a run's final model on the test split."""
-  with nnx.use_eager_sharding(False):
-    model = two_tower.Model(config.model, rngs=nnx.Rngs(0))
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, checkpoint_lib.read_params(workdir))
-  nnx.update(model, state)
-  source = dataset_lib.source(data_dir, config.data.dataset, "test")
-  m = config.model
-  prep = pipeline.Preprocess(tokenizer_path=os.path.join(workdir, "tokenizer.model"),
-                             image_size=m.image_size, channels=m.channels,
-                             max_len=m.text.max_len, db_min=config.data.db_min,
-                             db_max=config.data.db_max, train=False)
-  embed = nnx.jit(lambda mdl, im, tok: (predict.embed_images(mdl, im)[0],
-                                        predict.embed_texts(mdl, tok)))
-  zi, zt = [], []
-  examples = [prep.random_map((i, source[i]), None) for i in range(len(source))]
-  for lo in range(0, len(examples), 64):
-    chunk = examples[lo:lo + 64]
-    a, b = embed(model, jnp.asarray(np.stack([e["image"] for e in chunk])),
-                 jnp.asarray(np.stack([e["tokens"] for e in chunk])))
-    zi.append(np.asarray(a))
-    zt.append(np.asarray(b))
-  sim = np.concatenate(zi) @ np.concatenate(zt).T
-  out = {}
-  for name, s in (("i2t", sim), ("t2i", sim.T)):
-    rank = np.sum(s > np.diag(s)[:, None], axis=1)
-    for k in (1, 5):
-      out[f"{name}_R@{k}"] = float(np.mean(rank < k))
-  return out
-
-
 def _fork_from(src: str, dst: str, step: int) -> None:
   """Copies run `src` to `dst` without its checkpoints after `step`, so that `dst` resumes
   from there (the metrics writer drops the rows after it)."""
@@ -185,7 +92,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   source = dataset_lib.source(data_dir, base.data.dataset, base.data.split)
   texts = [schema.structured_text(source[i]) for i in range(len(source))]
   ids = tuple(table_lib.example_id(source[i]) for i in range(len(source)))
-  initial, planted = plant(texts, ids, f"{base.data.dataset}:{base.data.split}", rate, seed)
+  initial, planted = quality.plant(texts, ids, f"{base.data.dataset}:{base.data.split}", rate,
+                                   seed)
   os.makedirs(workdir, exist_ok=True)
   table_path = os.path.join(workdir, "planted_table.json")
   with open(table_path, "w") as f:
@@ -222,7 +130,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   saved = ckpt.restore_table(ckpt.latest_step())
   ckpt.close()
   final = table_lib.PairTable.from_json(saved["pending"] or saved["active"])
-  counts = screening(final, initial, texts, planted)
+  counts = quality.screening(final, initial, texts, planted)
   rows = [r for r in metrics_writer.read(os.path.join(run_dir, "metrics.jsonl"))
           if "scio/pass_seconds" in r]
   pass_seconds = sum(r["scio/pass_seconds"] for r in rows)
@@ -236,7 +144,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
            f"{config.scio.fill_candidates}",
            f"pairs rescored (at least once): {int(np.sum(final.scored_version >= 0))}; "
            f"passes: {len(rows)}", header, "-" * len(header)]
-  total = Counts()
+  total = quality.Counts()
   for name in sorted(counts):
     lines.append(counts[name].row(name))
     total.add(counts[name])
@@ -248,9 +156,19 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
             f"{'retrieval (test)':<18}{'i2t R@1':>9}{'i2t R@5':>9}{'t2i R@1':>9}{'t2i R@5':>9}"]
   for name in results:
     config, run_dir, _ = results[name]
-    r = retrieval(config, run_dir, data_dir)
+    r = quality.retrieval(config, run_dir, data_dir)
     lines.append(f"{name:<18}{r['i2t_R@1']:>9.3f}{r['i2t_R@5']:>9.3f}{r['t2i_R@1']:>9.3f}"
                  f"{r['t2i_R@5']:>9.3f}")
+  config, run_dir, _ = results["scio"]
+  ceiling = quality.discrimination(config, run_dir, data_dir, texts, initial, planted,
+                                   limit=640, seed=seed)
+  lines += ["", "what the final SCIO model tells apart: a caption against the same caption with "
+            "one planted value, on its image",
+            "(fraction scored higher; 0.5 is chance; screening works under this ceiling)",
+            f"{'field':<14}{'pairs':>6}{'cosine':>8}{'match':>8}{'both':>8}"]
+  every = np.concatenate(list(ceiling.values()))
+  for name, rows in sorted(ceiling.items()) + [("overall", every)]:
+    lines.append(f"{name:<14}{len(rows):>6}" + "".join(f"{v:>8.3f}" for v in rows.mean(0)))
   return "\n".join(lines)
 
 

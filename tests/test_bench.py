@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bench import common
@@ -101,3 +102,33 @@ def test_gpu_step_set_overrides():
   assert gpu_step.parse_set("model.scan_layers=False") == ("model.scan_layers", False)
   with pytest.raises(Exception, match="KEY=VALUE"):
     gpu_step.parse_set("batch")
+
+
+def test_scio_discrimination_scores_each_planted_clause_against_the_true_caption(smoke_run,
+                                                                                 data_dir):
+  """bench/scio.py's ceiling table: one row per sampled planted clause, under its field; a
+  "planted" value equal to the true one is never scored higher (the wrong caption is built from
+  the planted value, not read from elsewhere)."""
+  from bench import scio_quality as quality  # pylint: disable=g-import-not-at-top
+  from klip.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  from klip.data import schema  # pylint: disable=g-import-not-at-top
+  from klip.scio import table as table_lib  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_run
+  config = smoke_config(data_dir)
+  source = dataset_lib.source(data_dir, config.data.dataset, config.data.split)
+  texts = [schema.structured_text(source[i]) for i in range(len(source))]
+  ids = tuple(table_lib.example_id(source[i]) for i in range(len(source)))
+  initial, planted = quality.plant(texts, ids, "synthetic:train", rate=0.5, seed=0)
+  out = quality.discrimination(config, workdir, data_dir, texts, initial, planted, limit=40,
+                               seed=0)
+  assert sum(len(rows) for rows in out.values()) == min(40, len(planted))
+  for name, rows in out.items():
+    assert name in quality.chip_lib.OBSERVABLE_FIELDS
+    assert rows.shape[1] == 3 and (rows[:, 2] == (rows[:, 0] & rows[:, 1])).all()
+  every = np.concatenate(list(out.values()))
+  assert 0 < every[:, 0].mean() < 1
+  for i, k in planted:  # plant the true values: nothing to tell apart
+    initial.rewrites[i][k] = texts[i].values[k]
+  same = quality.discrimination(config, workdir, data_dir, texts, initial, planted, limit=40,
+                                seed=0)
+  assert not np.concatenate(list(same.values())).any()
