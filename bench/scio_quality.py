@@ -118,15 +118,18 @@ def retrieval(config, workdir: str, data_dir: str) -> dict[str, float]:
 
 
 def discrimination(config, workdir: str, data_dir: str, texts, initial: table_lib.PairTable,
-                   planted, limit: int, seed: int) -> dict[str, np.ndarray]:
-  """How often the run's final model scores a training caption above the same caption with
-  one planted value, on the caption's own image: {field: bool [n, 3]} (cosine higher, match
-  probability higher, both) over up to `limit` planted clauses drawn at random.
+                   planted, limit: int, seed: int, split: str = "") -> dict[str, np.ndarray]:
+  """How often the run's final model scores a caption of `split` (default the training split)
+  above the same caption with one planted value, on the caption's own image: {field: bool
+  [n, 3]} (cosine higher, match probability higher, both) over up to `limit` planted clauses
+  drawn at random; `texts`, `initial` and `planted` are that split's (`plant`).
 
   SCIO's screening compares these same scores (`predict.score`) with and without a clause, so
-  this pairwise accuracy (0.5: chance) bounds what any screening rule on them can find."""
+  on the training split this pairwise accuracy (0.5: chance) bounds what any screening rule on
+  them can find; on the test split, whose captions the model never trained on, it says what
+  the model sees in the pixels."""
   model, prep = _final_model(config, workdir)
-  source = dataset_lib.source(data_dir, config.data.dataset, config.data.split)
+  source = dataset_lib.source(data_dir, config.data.dataset, split or config.data.split)
   tokenizer = tokenizer_lib.Tokenizer(os.path.join(workdir, "tokenizer.model"))
   keys = sorted(planted)
   rng = np.random.default_rng(seed)
