@@ -2,11 +2,12 @@ r"""GPU benchmark: the `base` config's full multi-objective train step, bf16, on
 
 configs/pretrain.py:base (ViT-B/16 at 224 px, 12 x 768 text tower whose top 3 blocks
 cross-attend for matching, 2-block decoder, 160 tokens, vocabulary 32,000; bf16, unrolled
-layers, remat `dots_saveable`, attention "auto": cuDNN's fused kernel on the GPU) trained by the project's step (`klip.train_step.make_train_step`) on
-synthetic in-memory batches. Prints examples/s, matmul FLOPs per example
-(analytic and from the compiled HLO), achieved TFLOP/s, MFU against the 989 TFLOP/s dense bf16
-peak of an H100/H200, and the fraction of a bf16 matmul measured in the same run; writes them to
-$OUT/gpu.json (else bench/out/gpu.json) with the row for bench/RESULTS.md.
+layers, remat `dots_saveable`, attention "auto": cuDNN's fused kernel on the GPU) trained by
+the project's step (`klip.train_step.make_train_step`) on synthetic in-memory batches. Prints
+examples/s, matmul FLOPs per example (analytic and from the compiled HLO), achieved TFLOP/s,
+MFU against the 989 TFLOP/s dense bf16 peak of an H100/H200, and the fraction of a bf16 matmul
+measured in the same run; writes them to $OUT/gpu.json (else bench/out/gpu.json) with the row
+for bench/RESULTS.md.
 
 The GPU host has jax (CUDA), flax, optax and orbax but no Grain, TFDS or SentencePiece and no
 network. Nothing here imports them: an import guard makes any attempt fail loudly (the
