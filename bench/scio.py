@@ -17,7 +17,7 @@ what follows differs.
   # tiny, shortened: two 150-step runs, about 12 minutes on 2 cores (seen on a loaded machine;
   # corpus: configs/pretrain.py's docstring)
   python -m bench.scio --variant=tiny --steps=150 --out_dir=workdirs/bench_scio_tiny
-  # the benchmark as specified: small variant (400 steps: 32 min with SCIO, then 19 min for the
+  # the benchmark as specified: small variant (400 steps: 28 min with SCIO, then 17 min for the
   # run without it, forked at the end of the warm-up; 2026-11-28, idle 2 cores)
   python -m bench.scio --steps=400 --out_dir=workdirs/bench_scio_small
   # screening with and without clause-swap negatives in the matching loss, SCIO runs only
