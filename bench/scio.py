@@ -181,9 +181,9 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
     line = f"{name:<14}"
     for split in ceiling:
       rows = (np.concatenate(list(ceiling[split].values())) if name == "overall"
-              else ceiling[split].get(name, np.zeros((0, 3), bool)))
+              else ceiling[split].get(name, np.zeros((0, 2), bool)))
       line += f"{len(rows):>12}" + "".join(f"{v:>8.3f}" for v in (
-          rows[:, :2].mean(0) if len(rows) else (np.nan, np.nan)))
+          rows.mean(0) if len(rows) else (np.nan, np.nan)))
     lines.append(line)
   return "\n".join(lines)
 

@@ -121,8 +121,8 @@ def discrimination(config, workdir: str, data_dir: str, texts, initial: table_li
                    planted, limit: int, seed: int, split: str = "") -> dict[str, np.ndarray]:
   """How often the run's final model scores a caption of `split` (default the training split)
   above the same caption with one planted value, on the caption's own image: {field: bool
-  [n, 3]} (cosine higher, match probability higher, both) over up to `limit` planted clauses
-  drawn at random; `texts`, `initial` and `planted` are that split's (`plant`).
+  [n, 2]} (cosine higher, match probability higher) over up to `limit` planted clauses drawn
+  at random; `texts`, `initial` and `planted` are that split's (`plant`).
 
   SCIO's screening compares these same scores (`predict.score`) with and without a clause, so
   on the training split this pairwise accuracy (0.5: chance) bounds what any screening rule on
@@ -147,7 +147,6 @@ def discrimination(config, workdir: str, data_dir: str, texts, initial: table_li
     cosine, match = (np.asarray(x).reshape(2, -1) for x in scores(
         model, jnp.asarray(images), jnp.asarray(np.stack(true + wrong))))
     higher = np.stack([cosine[0] > cosine[1], match[0] > match[1]], axis=1)
-    higher = np.concatenate([higher, higher.all(axis=1, keepdims=True)], axis=1)
     for (i, k), row in zip(chunk, higher):
       out.setdefault(texts[i].field_names[k], []).append(row)
   return {name: np.stack(rows) for name, rows in out.items()}
