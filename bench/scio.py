@@ -44,8 +44,6 @@ from configs import pretrain
 from klip import checkpoint as checkpoint_lib
 from klip import metrics_writer
 from klip import train
-from klip.data import dataset as dataset_lib
-from klip.data import schema
 from klip.scio import table as table_lib
 
 
@@ -89,9 +87,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
         every_steps: int, slice_size: int, clause_negatives: str = "default",
         baseline: bool = True, fork_baseline: bool = True, fill_candidates: int = -1) -> str:
   base = pretrain.get_config(variant)
-  source = dataset_lib.source(data_dir, base.data.dataset, base.data.split)
-  texts = [schema.structured_text(source[i]) for i in range(len(source))]
-  ids = tuple(table_lib.example_id(source[i]) for i in range(len(source)))
+  texts, ids = quality.captions(data_dir, base.data.dataset, base.data.split)
   initial, planted = quality.plant(texts, ids, f"{base.data.dataset}:{base.data.split}", rate,
                                    seed)
   os.makedirs(workdir, exist_ok=True)
@@ -160,9 +156,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
     lines.append(f"{name:<18}{r['i2t_R@1']:>9.3f}{r['i2t_R@5']:>9.3f}{r['t2i_R@1']:>9.3f}"
                  f"{r['t2i_R@5']:>9.3f}")
   config, run_dir, _ = results["scio"]
-  test = dataset_lib.source(data_dir, base.data.dataset, "test")
-  test_texts = [schema.structured_text(test[i]) for i in range(len(test))]
-  test_ids = tuple(table_lib.example_id(test[i]) for i in range(len(test)))
+  test_texts, test_ids = quality.captions(data_dir, base.data.dataset, "test")
   test_initial, test_planted = quality.plant(test_texts, test_ids,
                                              f"{base.data.dataset}:test", rate, seed)
   ceiling = {

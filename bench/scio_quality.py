@@ -16,6 +16,7 @@ from klip import predict
 from klip.data import chip as chip_lib
 from klip.data import dataset as dataset_lib
 from klip.data import pipeline
+from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
 from klip.model import two_tower
 from klip.scio import table as table_lib
@@ -41,6 +42,14 @@ class Counts:
     acc = self.exact / self.rewrites if self.rewrites else float("nan")
     return (f"{name:<14}{self.planted:>8}{self.flagged:>8}{p:>10.3f}{r:>8.3f}{f1:>8.3f}"
             f"{self.rewrites:>9}{acc:>10.3f}")
+
+
+def captions(data_dir: str, dataset: str, split: str):
+  """(structured captions, example ids) of a prepared dataset's split, in record order."""
+  source = dataset_lib.source(data_dir, dataset, split)
+  records = [source[i] for i in range(len(source))]
+  return ([schema.structured_text(r) for r in records],
+          tuple(table_lib.example_id(r) for r in records))
 
 
 def plant(texts, ids, dataset: str, rate: float, seed: int):
@@ -134,8 +143,12 @@ def discrimination(config, workdir: str, data_dir: str, texts, initial: table_li
   keys = sorted(planted)
   rng = np.random.default_rng(seed)
   keys = [keys[j] for j in sorted(rng.permutation(len(keys))[:limit])]
-  scores = nnx.jit(lambda mdl, im, tok: tuple(predict.score(
-      mdl, *predict.embed_images(mdl, jnp.concatenate([im, im])), tok)))
+  def pair_scores(mdl, images, texts):  # texts: the true captions, then the planted ones
+    both = lambda x: jnp.concatenate([x, x])
+    zimg, image_tokens = predict.embed_images(mdl, images)
+    return tuple(predict.score(mdl, both(zimg), both(image_tokens), texts))
+
+  scores = nnx.jit(pair_scores)
   out = {}
   for lo in range(0, len(keys), 32):
     chunk = keys[lo:lo + 32]

@@ -110,14 +110,9 @@ def test_scio_discrimination_scores_each_planted_clause_against_the_true_caption
   "planted" value equal to the true one is never scored higher (the wrong caption is built from
   the planted value, not read from elsewhere)."""
   from bench import scio_quality as quality  # pylint: disable=g-import-not-at-top
-  from klip.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-  from klip.data import schema  # pylint: disable=g-import-not-at-top
-  from klip.scio import table as table_lib  # pylint: disable=g-import-not-at-top
   workdir, _ = smoke_run
   config = smoke_config(data_dir)
-  source = dataset_lib.source(data_dir, config.data.dataset, config.data.split)
-  texts = [schema.structured_text(source[i]) for i in range(len(source))]
-  ids = tuple(table_lib.example_id(source[i]) for i in range(len(source)))
+  texts, ids = quality.captions(data_dir, config.data.dataset, config.data.split)
   initial, planted = quality.plant(texts, ids, "synthetic:train", rate=0.5, seed=0)
   out = quality.discrimination(config, workdir, data_dir, texts, initial, planted, limit=40,
                                seed=0)
