@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from klip import host_memory
+
 if os.environ.get("BENCH_PLATFORM", "cpu") == "cpu":  # bench/gpu_step.py sets "auto"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -247,13 +249,14 @@ def ratios(a: list[float], b: list[float]) -> list[float]:
 class TorchSide:
   """The open_clip worker process (bench/torch_side.py in .venv-bench), driven by JSON lines."""
 
-  def __init__(self, python: str = BENCH_PYTHON, threads: int = 2, env: dict | None = None):
+  def __init__(self, python: str = BENCH_PYTHON, threads: int = 2, env: dict | None = None,
+               base_env: dict | None = None):
     if not os.path.exists(python):
       raise FileNotFoundError(
           f"{python} is missing: the open_clip side runs in .venv-bench. Create it with "
           "`make bench-venv` (or run the benchmark with --torch=false)")
-    env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               CUDA_VISIBLE_DEVICES="", **(env or {}))
+    env = dict(os.environ if base_env is None else base_env, BENCH_THREADS=str(threads),
+               OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", **(env or {}))
     self.proc = subprocess.Popen([python, os.path.join(ROOT, "bench", "torch_side.py")],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                  text=True, bufsize=1)
@@ -286,15 +289,26 @@ class TorchSide:
 # The open_clip workers: torch as installed, and with OpenMP's passive wait. GNU OpenMP threads
 # spin-wait between parallel regions; on a loaded machine (a descheduled thread) that costs
 # torch far more than XLA's thread pool, so both are measured and the faster one is compared.
+# When this process runs with glibc's huge pages (klip/host_memory.py, which the JAX side gains
+# from), the workers inherit them and a third runs torch with glibc's default 4 KiB pages, so
+# open_clip is compared under whichever host setting suits it.
 TORCH_WORKERS = {"torch": {}, "torchp": {"OMP_WAIT_POLICY": "PASSIVE"}}
-TORCH_LABELS = {"torch": "open_clip", "torchp": "open_clip OMP passive"}
+TORCH_LABELS = {"torch": "open_clip", "torchp": "open_clip OMP passive",
+                "torchg": "open_clip 4 KiB pages"}
 
 
 def torch_workers(which: str) -> dict:
-  """{'torch': TorchSide, 'torchp': ...} for which in 'both', 'default', 'passive', 'none'."""
+  """{'torch': TorchSide, ...} for which in 'both', 'default', 'passive', 'none'.
+
+  'both' and 'default' add the 'torchg' worker (glibc's default pages) when this process has
+  glibc's huge pages.
+  """
   keys = {"both": ("torch", "torchp"), "default": ("torch",), "passive": ("torchp",),
           "none": ()}[which]
-  return {k: TorchSide(env=TORCH_WORKERS[k]) for k in keys}
+  workers = {k: TorchSide(env=TORCH_WORKERS[k]) for k in keys}
+  if "torch" in keys and host_memory.enabled():
+    workers["torchg"] = TorchSide(base_env=host_memory.environ(on=False))
+  return workers
 
 
 def torch_spec(name: str, vit: str, batch: int = 16, vocab: int = VOCAB, **kw) -> dict:
@@ -328,7 +342,7 @@ def load() -> float:
 def versions() -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  return {"jax": jax.__version__, "flax": flax.__version__,
+  return {"jax": jax.__version__, "flax": flax.__version__, "huge_pages": host_memory.enabled(),
           "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
@@ -367,9 +381,10 @@ def record(bench: str, figures: dict, *, load_start: float, note: str = "") -> N
   if sys.argv and sys.argv[0].endswith(".py"):
     command = f"python -m bench.{os.path.splitext(os.path.basename(sys.argv[0]))[0]} " + \
         " ".join(shlex.quote(a) for a in sys.argv[1:])
-  flags = os.environ.get("XLA_FLAGS", "").strip()
-  if flags:  # XLA's flags change what was measured: the row says which were set
-    command = f"XLA_FLAGS={shlex.quote(flags)} {command}"
+  for var in ("GLIBC_TUNABLES", "XLA_FLAGS"):  # they change what was measured: the row says so
+    value = os.environ.get(var, "").strip()
+    if value:
+      command = f"{var}={shlex.quote(value)} {command}"
   now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   load_text = f"load {load_start:.1f}->{load():.1f}"
   figs = "; ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in figures.items())

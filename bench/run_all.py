@@ -19,6 +19,7 @@ import sys
 import time
 
 from bench import common
+from klip import host_memory
 
 BENCHES = {
     "b1": ("bench.b1_contrast", [], ["--vits=ti", "--rounds=1"]),
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
       if os.path.exists(stale):
         os.remove(stale)
       common.log(f"\n=== {name}: {' '.join(cmd[1:])}")
-      rc = subprocess.call(cmd, cwd=common.ROOT)
+      rc = subprocess.call(cmd, cwd=common.ROOT, env=host_memory.environ())
       if rc:
         failed.append(name)
   common.log("\n" + summary(started))

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from evals.job import Job
 from klip import checkpoint as checkpoint_lib
+from klip import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (path:variant).",
                                           lock_config=True)
@@ -46,6 +47,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
+  if hint := host_memory.advice(jax.default_backend()):
+    absl_logging.warning(hint)
   config = _CONFIG.value
   job = Job(config, _WORKDIR.value)
   print(f"evaluating {job.workdir} with {len(config.evals)} evaluators on "

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
+from klip import host_memory
 from klip import init_from
 from klip import metrics_writer
 from klip import provenance
@@ -333,6 +334,8 @@ def main(argv):
                          num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_JOIN_TIMEOUT.value,
                          heartbeat_s=_HEARTBEAT_TIMEOUT.value)
   distributed.check_layout(_CONFIG.value.mesh, jax.device_count(), jax.process_count())
+  if (hint := host_memory.advice(jax.default_backend())) and jax.process_index() == 0:
+    absl_logging.warning(hint)
   train(_CONFIG.value, _WORKDIR.value)
 
 

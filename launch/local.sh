@@ -45,6 +45,12 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 TRAIN_ARGS=("$@")
+# glibc's huge pages for XLA:CPU's per-step temporaries (klip/host_memory.py), kept with any
+# other tunables the caller set.
+TUNABLES="${GLIBC_TUNABLES:-}"
+if [[ ":$TUNABLES" != *":glibc.malloc.hugetlb="* ]]; then
+  TUNABLES="${TUNABLES:+$TUNABLES:}glibc.malloc.hugetlb=1"
+fi
 
 free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
@@ -52,7 +58,7 @@ print(s.getsockname()[1])'
 }
 
 command_for() {  # sets CMD: process $1 joining the coordinator on port $2
-  CMD=(env JAX_PLATFORMS=cpu XLA_FLAGS= PYTHONUNBUFFERED=1 "$PYTHON" -m klip.train
+  CMD=(env JAX_PLATFORMS=cpu XLA_FLAGS= GLIBC_TUNABLES="$TUNABLES" PYTHONUNBUFFERED=1 "$PYTHON" -m klip.train
        --coordinator_address="127.0.0.1:$2" --num_processes="$NUM_PROCESSES" --process_id="$1"
        --num_cpu_devices="$DEVICES" "${TRAIN_ARGS[@]}")
 }

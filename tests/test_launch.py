@@ -162,6 +162,17 @@ def test_local_dry_run_starts_every_process():
   assert "XLA_FLAGS=" in out and "--coordinator_address=127.0.0.1:" in out
 
 
+@pytest.mark.parametrize("given, passed", [
+    ("", "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the caller's choice is kept
+])
+def test_local_passes_glibc_huge_pages(given, passed):
+  out = _run(os.path.join(LAUNCH, "local.sh"), "--num_processes=2", "--dry_run", "--",
+             "--config=x", env={"GLIBC_TUNABLES": given}).stdout
+  assert out.count(f" GLIBC_TUNABLES={passed} ") == 2, out
+
+
 def test_local_stops_the_others_when_one_fails_and_restarts(tmp_path):
   fake = tmp_path / "fake_python"
   fake.write_text("#!/usr/bin/env bash\n"  # process 1 fails; process 0 would run for long
