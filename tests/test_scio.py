@@ -329,6 +329,23 @@ def _pass_on_mesh(config, source, tok, dims, devices):
   return cosine, match, table, result
 
 
+def test_scorer_compiles_without_ynnpack_fusions_on_cpu(tok, data_dir):
+  """The scorer's jits take `CPU_INFERENCE_OPTIONS` (bench/README.md: a scoring chunk 1.34 s
+  instead of 1.64 s); the same function jitted plainly gets YNNPACK fusions."""
+  config = smoke_config(data_dir)
+  mesh = sharding.make_mesh(dict(slice=1, data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  rules = config.sharding_rules
+  graphdef, state, shardings = train_state.create(config, mesh, rules)
+  images = np.zeros((4, 32, 32, 2), np.float32)
+  texts = np.ones((4, 9, 64), np.int32)
+  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+    scorer = rescore.ModelScorer(graphdef, shardings, mesh, rules, tok, max_span=4)
+    ynn = lambda f: f.lower(state, images, texts).compile().as_text().count("__ynn_fusion")
+    assert ynn(jax.jit(scorer._scores.__wrapped__)) > 0  # pylint: disable=protected-access
+    assert ynn(scorer._scores) == 0  # pylint: disable=protected-access
+    assert ynn(scorer._logprobs) == 0  # pylint: disable=protected-access
+
+
 def test_rescoring_pass_sharded_equals_unsharded(source, tok, data_dir):
   config = smoke_config(data_dir, **{f"scio.{k}": v for k, v in SCIO.items()})
   one = _pass_on_mesh(config, source, tok, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])

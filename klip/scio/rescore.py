@@ -81,16 +81,16 @@ def pass_rows(version: int, n: int, slice_size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# XLA:CPU compiles these inference passes with its YNNPACK fusions off: they fuse a whole MLP
-# sublayer (LayerNorm, both matmuls, GELU, residual) into one library graph, which on tiny's
-# scoring chunk (64 pairs x 9 texts x 128 tokens) ran its matmuls at 63-100 GFLOP/s against 150
-# for XLA's own dots: 1.34 s a chunk instead of 1.64 s (2 cores). The train step keeps them
-# (B1's step 2.38 s with, 2.66 s without; tiny's 0.89 s against 0.99 s).
-_CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 # The jitted, sharded scores of a train state.
 # ---------------------------------------------------------------------------------------------
+# On CPU they compile without XLA:CPU's YNNPACK fusions, which put a whole MLP sublayer
+# (LayerNorm, both matmuls, GELU, residual) into one library graph: on tiny's scoring chunk
+# (64 pairs x 9 texts x 128 tokens) its matmuls ran at 63-100 GFLOP/s against 150 for XLA's own
+# dots, 1.64 s a chunk against 1.34 s without (2 cores). Train steps keep them (B1's step 2.38 s
+# with, 2.66 s without; tiny's 0.89 s against 0.99 s). bench/README.md has the measurements.
+CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 class ModelScorer:
   """`predict.score` of the K + 1 texts of each image, jitted with explicit shardings.
 
@@ -103,7 +103,7 @@ class ModelScorer:
     self._tokenizer = tokenizer
     self._max_span = max_span
     batch = lambda nd: sharding.batch_sharding(mesh, rules, nd)
-    options = _CPU_INFERENCE_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
+    options = CPU_INFERENCE_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
 
     def scores(state, images, texts):
       model = nnx.merge(graphdef, state).model
