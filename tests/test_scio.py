@@ -1,5 +1,6 @@
 """SCIO: the pair table, its join in the pipeline, the rescoring pass and the trainer's use."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -313,12 +314,18 @@ def test_reconstruct_candidates_from_the_value_pool(source, tok, data_dir, n_val
 
 
 # ----- the real model: sharded pass equals unsharded ---------------------------------------------
-def _pass_on_mesh(config, source, tok, dims, devices):
+@contextlib.contextmanager
+def _scorer_on_mesh(config, tok, dims, devices):
+  """(ModelScorer, train state) of a fresh model on a mesh, inside the mesh's context."""
   mesh = sharding.make_mesh(dict(slice=1, **dims), devices)
   rules = config.sharding_rules
   graphdef, state, shardings = train_state.create(config, mesh, rules)
   with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
-    scorer = rescore.ModelScorer(graphdef, shardings, mesh, rules, tok, max_span=4)
+    yield rescore.ModelScorer(graphdef, shardings, mesh, rules, tok, max_span=4), state
+
+
+def _pass_on_mesh(config, source, tok, dims, devices):
+  with _scorer_on_mesh(config, tok, dims, devices) as (scorer, state):
     images = np.random.default_rng(0).normal(size=(16, 32, 32, 2)).astype(np.float32)
     _, _, texts = rescore.caption_texts(tok, schema.structured_text(source[0]), 64)
     cosine, match = scorer.score(state, images, np.repeat(texts[None], 16, axis=0))
@@ -332,14 +339,10 @@ def _pass_on_mesh(config, source, tok, dims, devices):
 def test_scorer_compiles_without_ynnpack_fusions_on_cpu(tok, data_dir):
   """The scorer's jits take `CPU_INFERENCE_OPTIONS` (bench/README.md: a scoring chunk 1.34 s
   instead of 1.64 s); the same function jitted plainly gets YNNPACK fusions."""
-  config = smoke_config(data_dir)
-  mesh = sharding.make_mesh(dict(slice=1, data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  rules = config.sharding_rules
-  graphdef, state, shardings = train_state.create(config, mesh, rules)
   images = np.zeros((4, 32, 32, 2), np.float32)
   texts = np.ones((4, 9, 64), np.int32)
-  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
-    scorer = rescore.ModelScorer(graphdef, shardings, mesh, rules, tok, max_span=4)
+  with _scorer_on_mesh(smoke_config(data_dir), tok, dict(data=1, fsdp=1, tensor=1),
+                       jax.devices()[:1]) as (scorer, state):
     ynn = lambda f: f.lower(state, images, texts).compile().as_text().count("__ynn_fusion")
     assert ynn(jax.jit(scorer._scores.__wrapped__)) > 0  # pylint: disable=protected-access
     assert ynn(scorer._scores) == 0  # pylint: disable=protected-access
