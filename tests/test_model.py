@@ -258,15 +258,19 @@ def test_encoder_layers_standalone():
   np.testing.assert_allclose(out[:, :-1], changed[:, :-1], atol=1e-5)
 
 
-@pytest.mark.parametrize("mask_heads", [None, 1, 4])
-def test_attention_equals_jax_reference(mask_heads):
-  """The heads-major attention computes jax.nn.dot_product_attention's maths, gradients too."""
+@pytest.mark.parametrize("mask_heads,empty_row", [(None, False), (1, False), (4, False),
+                                                   (4, True)])
+def test_attention_equals_jax_reference(mask_heads, empty_row):
+  """The heads-major attention computes jax.nn.dot_product_attention's maths, gradients too
+  (its backward pass is written by hand), also for a query row whose keys are all masked."""
   kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(kq, (2, 5, 4, 8))
   k, v = jax.random.normal(kk, (2, 7, 4, 8)), jax.random.normal(kv, (2, 7, 4, 8))
   mask = None
   if mask_heads:
     mask = jax.random.bernoulli(km, 0.7, (2, mask_heads, 5, 7)).at[..., 0].set(True)
+  if empty_row:
+    mask = mask.at[1, 2, 3].set(False)
   ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask)
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
   np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-5)
