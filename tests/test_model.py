@@ -282,6 +282,10 @@ def test_attention_equals_jax_reference(mask_heads, empty_row):
   out = ours(*half)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(jnp.float32), ref(q, k, v), atol=0.05)
+  for g, g_ref in zip(jax.grad(loss(ours), (0, 1, 2))(*half),
+                      jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(jnp.float32), g_ref, atol=0.03)
 
 
 @pytest.mark.parametrize("lengths,mask_shape", [
