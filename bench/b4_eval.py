@@ -8,7 +8,8 @@ matmul calibration.
 
 Retrieval top-k over N x M: the similarity of N unit image embeddings with M text embeddings
 and the k best per row, three ways: jitted XLA (`jax.lax.top_k`), the evaluator's host path
-(`evals.retrieval.top_k`: a stable numpy argsort of the whole row), and torch.topk.
+(`evals.retrieval.top_k`: a numpy partition, then a stable sort of the candidates at or above
+each row's k-th score), and torch.topk.
 
   .venv/bin/python -m bench.b4_eval
   .venv/bin/python -m bench.b4_eval --vits=ti --rounds=1

@@ -56,8 +56,20 @@ def recall_at_k(query_ranks: np.ndarray, k: int) -> np.ndarray:
 
 
 def top_k(similarity: np.ndarray, k: int) -> np.ndarray:
-  """Indices [N, k] of each row's first k candidates in the stable descending order."""
-  return np.argsort(-np.asarray(similarity), axis=1, kind="stable")[:, :k]
+  """Indices [N, min(k, M)] of each row's first k candidates in the stable descending order
+  (ties by index): the order of a stable argsort of the whole row, without sorting it. A
+  partition finds each row's k-th score; only the candidates at or above it are sorted."""
+  s = -np.asarray(similarity)
+  n, m = s.shape
+  k = min(k, m)
+  if k == m or not np.all(np.isfinite(s)):  # NaNs: argsort's own order, last
+    return np.argsort(s, axis=1, kind="stable")[:, :k]
+  kth = np.partition(s, k - 1, axis=1)[:, k - 1:k]
+  rows, cols = np.nonzero(s <= kth)  # at least k per row, ascending index within a row
+  order = np.lexsort((cols, s[rows, cols], rows))
+  cols = cols[order]
+  first = np.searchsorted(rows[order], np.arange(n))
+  return cols[first[:, None] + np.arange(k)]
 
 
 def reranked_ranks(query_ranks: np.ndarray, candidates: np.ndarray,

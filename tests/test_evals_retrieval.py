@@ -27,6 +27,21 @@ def test_ranks_by_hand_with_ties_in_stable_order():
   assert retrieval.top_k(similarity, 2).tolist() == [[1, 0], [0, 1], [0, 1]]
 
 
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 20])
+def test_top_k_is_the_stable_argsort_prefix(k):
+  """The partition-based top_k returns a stable descending argsort's first k, ties and all."""
+  rng = np.random.default_rng(k)
+  scores = [rng.normal(size=(30, 8)), rng.integers(0, 3, size=(30, 8)).astype(np.float32),
+            np.zeros((4, 8)), rng.normal(size=(5, 8)).round(1)]
+  for s in scores:
+    want = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    assert np.array_equal(retrieval.top_k(s, k), want)
+  with_nan = scores[0].copy()
+  with_nan[2, 5] = np.nan
+  assert np.array_equal(retrieval.top_k(with_nan, k),
+                        np.argsort(-with_nan, axis=1, kind="stable")[:, :k])
+
+
 def test_constant_scores_give_exactly_chance():
   ranks = retrieval.ranks(np.zeros((50, 50)))
   assert np.array_equal(ranks, np.arange(50))
