@@ -62,7 +62,7 @@ def top_k(similarity: np.ndarray, k: int) -> np.ndarray:
   s = -np.asarray(similarity)
   n, m = s.shape
   k = min(k, m)
-  if k == m or not np.all(np.isfinite(s)):  # NaNs: argsort's own order, last
+  if not 0 < k < m or not np.all(np.isfinite(s)):  # NaNs: argsort's own order, last
     return np.argsort(s, axis=1, kind="stable")[:, :k]
   kth = np.partition(s, k - 1, axis=1)[:, k - 1:k]
   rows, cols = np.nonzero(s <= kth)  # at least k per row, ascending index within a row

@@ -27,7 +27,7 @@ def test_ranks_by_hand_with_ties_in_stable_order():
   assert retrieval.top_k(similarity, 2).tolist() == [[1, 0], [0, 1], [0, 1]]
 
 
-@pytest.mark.parametrize("k", [1, 3, 7, 8, 20])
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 8, 20])
 def test_top_k_is_the_stable_argsort_prefix(k):
   """The partition-based top_k returns a stable descending argsort's first k, ties and all."""
   rng = np.random.default_rng(k)
