@@ -10,7 +10,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 from klip import sharding
-from klip.model import layers
+from klip.model import dense, layers
 from klip.model.two_tower import Model, count_params
 from klip.model.vit import interpolate_posemb
 
@@ -457,3 +457,15 @@ def test_fusion_layers_must_fit_the_text_tower():
     Model(tiny_config(text=dict(tiny_config().text, fusion_layers=3)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="no cross-attention"):
     layers.Encoder(1, 16, 2, 32, rngs=nnx.Rngs(0))(jnp.ones((1, 2, 16)), kv=jnp.ones((1, 3, 16)))
+
+
+def test_every_dense_layer_takes_the_row_major_weight_gradient():
+  """The model's dense layers (towers, fusion, decoder, projections, matching head) all use
+  `dense.dot_general` (tests/test_dense.py)."""
+  config = tiny_config(text=dict(tiny_config().text, fusion_layers=1))
+  model = Model(config, rngs=nnx.Rngs(0))
+  linears = [node for _, node in nnx.iter_graph(model)
+             if isinstance(node, (nnx.Linear, nnx.LinearGeneral))]
+  assert len(linears) > 20
+  assert all(node.dot_general is dense.dot_general for node in linears), [
+      type(node).__name__ for node in linears if node.dot_general is not dense.dot_general]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from klip import sharding
+from klip.model import dense
 from klip.model.layers import DENSE_INIT, ZEROS, param
 from klip.model.text import TextDecoder, TextEncoder, TextStates, decoder_depth
 from klip.model.vit import ViT
@@ -32,6 +33,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def _projection(width: int, embed_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(width, embed_dim, use_bias=False, dtype=jnp.float32, rngs=rngs,
+                    dot_general=dense.dot_general,
                     kernel_init=param(DENSE_INIT, ("embed", "proj")))
 
 
@@ -55,6 +57,7 @@ class Model(nnx.Module):
     self.logit_bias = nnx.Param(
         param(nnx.initializers.constant(SIGMOID_BIAS_INIT), ())(rngs.params(), ()))
     self.itm_head = nnx.Linear(config.text.width, 2, dtype=jnp.float32, rngs=rngs,
+                               dot_general=dense.dot_general,
                                kernel_init=param(DENSE_INIT, ("embed", None)),
                                bias_init=param(ZEROS, (None,))) if self.text.fusion else None
     self.decoder = TextDecoder(config, rngs=rngs) if decoder_depth(config) else None

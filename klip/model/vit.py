@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klip.model import dense
 from klip.model.layers import DENSE_INIT, ZEROS, Encoder, layer_norm, param
 
 POSEMB_INIT = nnx.initializers.normal(stddev=0.02)
@@ -54,6 +55,7 @@ class ViT(nnx.Module):
     vit = config.vit
     patch_dim = config.patch_size * config.patch_size * config.channels
     self.patch_embed = nnx.Linear(patch_dim, vit.width, dtype=self.dtype, rngs=rngs,
+                                  dot_general=dense.dot_general,
                                   kernel_init=param(DENSE_INIT, ("patch", "embed")),
                                   bias_init=param(ZEROS, ("embed",)))
     self.cls = nnx.Param(param(ZEROS, (None, "embed"))(rngs.params(), (1, vit.width)))
