@@ -48,19 +48,16 @@ def _weight_grad(x: jax.Array, w: jax.Array, contracted: int, dtype) -> jax.Arra
 
 
 def _weight_grad_fwd(x, w, contracted, dtype):
-  # w's cotangent must take w's dtype: an empty array of it rides along with x.
-  return _weight_grad(x, w, contracted, dtype), (x, jnp.zeros((0,), w.dtype))
+  return _weight_grad(x, w, contracted, dtype), (x, w)
 
 
 def _weight_grad_bwd(contracted, dtype, residuals, dy):
   del dtype
-  x, w_dtype = residuals
-  k = math.prod(x.shape[x.ndim - contracted:])
-  x2 = x.reshape(-1, k)
+  x, w = residuals  # w (a parameter, or its cast that the input gradient keeps) for its shape
+  x2 = x.reshape(-1, math.prod(w.shape[:contracted]))
   dy2 = dy.reshape(x2.shape[0], -1).astype(x.dtype)
   dw = lax.platform_dependent(x2, dy2, cpu=_weight_grad_row_major, default=_weight_grad_plain)
-  dw = dw.reshape(x.shape[x.ndim - contracted:] + dy.shape[x.ndim - contracted:])
-  return None, dw.astype(w_dtype.dtype)
+  return None, dw.reshape(w.shape).astype(w.dtype)
 
 
 _weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
