@@ -18,6 +18,15 @@ are the entry's fields other than `type` (a dotted `type` names a module elsewhe
 names a dataset in `datasets`; heads and probes are trained on `train_split` (never the
 pretraining split: the job checks example ids) with a fixed recipe and seed, and scored on
 `split`.
+
+MSTAR SOC (`mstar_soc`, evals/soc.py): probe and k-NN fitted on the 17 deg collection
+(`datasets.mstar`: all its splits, or val+test for `small`, which pretrains on its train split),
+zero-shot, probe and k-NN scored on the whole 15 deg collection (`datasets.mstar15`, source
+`mstar/test` under source_root, prepared with depression_deg=15); skipped when that folder is
+absent. Another copy of the benchmark:
+  python -m evals.run --config=configs/eval.py:tiny --workdir=workdirs/tiny --once \
+      --only=mstar_soc --config.datasets.mstar.source=/data/my_mstar/17deg \
+      --config.datasets.mstar15.source=/data/my_mstar/15deg
 """
 
 import ml_collections
@@ -41,6 +50,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.datasets = dict(
       synthetic=dict(name=_CORPUS[variant], source=""),
       mstar=dict(name="mstar/depression17", source="mstar/train"),
+      # MSTAR's 15 deg collection (the SOC test set), prepared with the builder's options
+      mstar15=dict(name="mstar/depression15", source="mstar/test",
+                   options=dict(depression_deg=15.0)),
       opensarship=dict(name="opensarship/default", source="opensarship"),
       hrsid=dict(name="hrsid/default", source="hrsid_samples"),
       polsf=dict(name="polsf/default", source="polsf"),
@@ -64,6 +76,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       knn_opensarship=dict(type="knn", data="opensarship", label="subtype", **knn),
       knn_category=dict(type="knn", data="synthetic", label="category",
                         **dict(knn, train_split="val")),
+      # MSTAR SOC: probe and k-NN fitted on the 17 deg collection, all three scored on the
+      # whole 15 deg one (skipped when its source folder is absent)
+      mstar_soc=dict(type="soc", train_data="mstar", train_split="all", data="mstar15",
+                     split="all", label="subtype", l2=probe["l2"], epochs=probe["epochs"],
+                     k=knn["k"], **classify),
       # land-cover / scene classification
       zeroshot_scene=dict(type="zeroshot", data="synthetic", split="test",
                           label="region_function", **classify),
@@ -88,6 +105,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   )
   if variant == "small":  # small pretrains on MSTAR's train split: probes learn on its val split
     c.evals.probe_mstar.train_split = c.evals.knn_mstar.train_split = "val"
+    c.evals.mstar_soc.train_split = "val+test"  # the 17 deg chips the run did not see
   if variant == "smoke":
     c.max_examples = 48
     c.batch_size = 16

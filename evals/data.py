@@ -1,17 +1,20 @@
 """Evaluation data: splits of prepared datasets, prepared on demand, checked to be held out.
 
 The eval config names datasets (`config.datasets.<key>`: a builder/config `name` and, for real
-archives, a `source` path relative to `config.source_root`). A real archive is prepared on first
-use under DATA_DIR/<builder>-<hash of its source path>, so pointing `source_root` at other data
-of the same layout never reuses a dataset built from different files. A split an evaluator
-scores must not share an example id with the pretraining run's training data; that is checked
-the first time the split is opened.
+archives, a `source` path relative to `config.source_root` and optional builder `options`, e.g.
+MSTAR's `depression_deg`). A real archive is prepared on first use under
+DATA_DIR/<builder>-<hash of its source path (and options, if any)>, so pointing `source_root` at
+other data of the same layout never reuses a dataset built from different files or options; the
+prepared dataset must be the one `name` names. A split an evaluator scores must not share an
+example id with the pretraining run's training data; that is checked the first time the split
+is opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from klip.data import dataset as dataset_lib
 from klip.data import schema
+from klip.data import splits as splits_lib
 
 
 class HeldOutError(RuntimeError):
@@ -63,9 +67,10 @@ def _ids(source) -> set[str]:
 class Datasets:
   """Opens evaluation splits for the evaluators of one eval job.
 
-  datasets: config.datasets (key -> {name, source}); data_dir: where prepared datasets live;
-  source_root: the folder real-archive `source` paths are relative to; pretrain: the training
-  run's config.data (its `data_dir`, `dataset` and `split`), whose ids no eval split may hold.
+  datasets: config.datasets (key -> {name, source, options}); data_dir: where prepared
+  datasets live; source_root: the folder real-archive `source` paths are relative to; pretrain:
+  the training run's config.data (its `data_dir`, `dataset` and `split`), whose ids no eval
+  split may hold.
   """
 
   def __init__(self, datasets, *, data_dir: str, source_root: str, pretrain,
@@ -99,6 +104,16 @@ class Datasets:
     split_obj = self._cache[(key, split)]
     return split_obj if not limit else split_obj.subset(spread(len(split_obj), limit))
 
+  def split_names(self, key: str) -> list[str]:
+    """The splits dataset `key` has (preparing it on first use), train, val, test first.
+
+    Raises DatasetMissingError like `split`.
+    """
+    data_dir, name = self._locate(key)
+    names = list(dataset_lib.builder(data_dir, name).info.splits)
+    order = {s: i for i, s in enumerate(splits_lib.SPLITS)}
+    return sorted(names, key=lambda s: (order.get(s, len(order)), s))
+
   def _locate(self, key: str) -> tuple[str, str]:
     if key not in self._specs:
       raise KeyError(f"no dataset {key!r} in the eval config; it has {sorted(self._specs)}")
@@ -115,7 +130,12 @@ class Datasets:
                       **synthetic.config_options(spec.name.partition("/")[2]))
       return self._data_dir, spec.name
     source = os.path.abspath(os.path.join(self._source_root, spec.source))
-    tag = hashlib.sha256(source.encode()).hexdigest()[:8]
+    options = spec.get("options") or {}
+    options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    # Without options the tag is the source path's alone (directories prepared before options
+    # existed stay valid); options that do not show in the config name still get their own.
+    tagged = source + (json.dumps(options, sort_keys=True) if options else "")
+    tag = hashlib.sha256(tagged.encode()).hexdigest()[:8]
     data_dir = os.path.join(self._data_dir, f"{builder_name}-{tag}")
     try:
       dataset_lib.dataset_dir(data_dir, spec.name)
@@ -124,17 +144,25 @@ class Datasets:
         raise dataset_lib.DatasetMissingError(
             f"{key}: source {source} does not exist (config source_root="
             f"{self._source_root!r}, datasets.{key}.source={spec.source!r})") from None
-      self._prepare(builder_name, data_dir, source=source)
+      built = self._prepare(builder_name, data_dir, source=source, **options)
+      if built != spec.name:
+        raise ValueError(f"{key}: preparing {source} with options {options} gives {built}, "
+                         f"not datasets.{key}.name={spec.name!r}; set datasets.{key}.options "
+                         "to the builder options of that config (e.g. depression_deg for "
+                         "mstar/depression15)")
     return data_dir, spec.name
 
-  def _prepare(self, builder_name: str, data_dir: str, **options) -> None:
+  def _prepare(self, builder_name: str, data_dir: str, **options) -> str:
+    """Builds a dataset under data_dir; returns its builder/config name."""
     from klip.data import prepare  # pylint: disable=g-import-not-at-top
     print(f"preparing {builder_name} from {options.get('source')} under {data_dir}", flush=True)
     builder, report = prepare.prepare(builder_name, data_dir,
                                       generator=prepare.make_generator("rules", data_dir),
                                       workers=self._workers, **options)
     sizes = {k: v["examples"] for k, v in report["splits"].items()}
-    print(f"prepared {builder.name}/{builder.builder_config.name}: {sizes}", flush=True)
+    name = f"{builder.name}/{builder.builder_config.name}"
+    print(f"prepared {name}: {sizes}", flush=True)
+    return name
 
   def _check_held_out(self, split: Split) -> None:
     p = self._pretrain

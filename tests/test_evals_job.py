@@ -136,7 +136,12 @@ def test_once_runs_every_evaluator_on_a_smoke_checkpoint(workdir, data_dir):
   assert row["step"] == 10
   assert not row["failed"], row["failed"]
   if os.path.isdir(SHARED_DATA):
-    assert not row["skipped"], row["skipped"]
+    # the shared data holds MSTAR's 17-degree collection only: the SOC test collection
+    # (15 degrees) is the user's own copy, so mstar_soc may be skipped for its absence alone
+    skipped = dict(row["skipped"])
+    soc = skipped.pop("mstar_soc", "")
+    assert not soc or ("mstar15" in soc and "does not exist" in soc), soc
+    assert not skipped, skipped
   else:
     print(f"real-archive evaluators skipped: {SHARED_DATA} is absent: {row['skipped']}")
   from configs import eval as eval_lib  # pylint: disable=g-import-not-at-top

@@ -4,6 +4,8 @@
     python -m klip.data.prepare --dataset=opensarship --source=../shared/data/opensarship \
         --data_dir=data
     python -m klip.data.prepare --dataset=mstar --source=../shared/data/mstar/train --data_dir=data
+    # MSTAR's 15 deg collection (the SOC test set; dataset mstar/depression15):
+    python -m klip.data.prepare --dataset=mstar --source=/data/my_mstar/test --depression_deg=15
     python -m klip.data.prepare --dataset=manifest --source=my_archive/manifest.jsonl \
         --data_dir=data
     # full scenes with boxes / land-cover masks, for the detection and segmentation evaluators:
@@ -50,6 +52,11 @@ _LLM_CACHE = flags.DEFINE_string("llm_cache", None,
 _LLM_KEY_ENV = flags.DEFINE_string("llm_api_key_env", "KLIP_LLM_API_KEY",
                                    "llm: environment variable holding the API key, if any.")
 _LLM_RATE = flags.DEFINE_float("llm_requests_per_s", 5.0, "llm: request rate limit.")
+_DEPRESSION = flags.DEFINE_float("depression_deg", 17.0,
+                                 "mstar: the collection's depression angle in degrees (17: the "
+                                 "training collection, 15: the SOC test collection); sets the "
+                                 "chips' incidence (90 - depression) and the config name "
+                                 "depression<deg>.")
 
 
 def make_generator(backend: str, data_dir: str, **llm_options):
@@ -81,6 +88,11 @@ def prepare(dataset: str, data_dir: str, *, generator, **options):
 
 def main(argv):
   del argv
+  if _DEPRESSION.present and _DATASET.value != "mstar":  # before the slow imports
+    raise app.UsageError(f"--depression_deg is an mstar option (the collection's depression "
+                         f"angle); --dataset={_DATASET.value} has none")
+  if not 0.0 < _DEPRESSION.value < 90.0:
+    raise app.UsageError(f"--depression_deg must lie in (0, 90), got {_DEPRESSION.value}")
   gen = make_generator(_BACKEND.value, _DATA_DIR.value, base_url=_LLM_URL.value,
                        model=_LLM_MODEL.value, cache_dir=_LLM_CACHE.value,
                        api_key_env=_LLM_KEY_ENV.value, max_requests_per_s=_LLM_RATE.value)
@@ -92,6 +104,8 @@ def main(argv):
       raise app.UsageError(f"--dataset={_DATASET.value} needs --source (the archive folder "
                            "or manifest file)")
     options = dict(source=_SOURCE.value, workers=_WORKERS.value)
+    if _DATASET.value == "mstar":
+      options["depression_deg"] = _DEPRESSION.value
   builder, report = prepare(_DATASET.value, _DATA_DIR.value, generator=gen, **options)
   print(report_lib.to_markdown(report))
   print(f"report: {os.path.join(report['path'], 'build_report.md')}")
