@@ -11,14 +11,25 @@ Each chip is a function of (index, seed, size, num_channels) only, drawn from
 4. mean backscatter (sigma0) per class, band, polarisation and incidence; double-bounce lines
    along building rows; foreshortening, layover and radar shadow from the relief and look direction;
 5. targets where they belong (ships on water with wakes, aircraft on the airfield, vehicles on
-   roads, storage tanks on land by the water), sized in metres and converted with the pixel
-   spacing; strong targets get a side-lobe cross;
+   roads, storage tanks on cleared ground by the water), sized in metres and converted with the
+   pixel spacing; strong targets get a side-lobe cross;
 6. thermal noise and multiplicative speckle (Gamma with the mode's looks), then dB clipped to
    [-35, +15].
+
+A target is placed, and so reported, only where its pixels show it, since the count, sizes and
+grid positions of the text are read off the instances: its box's longest side is at least
+`MIN_TARGET_PX`, its silhouette covers at least `MIN_TARGET_AREA_PX`, and its signal-to-clutter
+ratio before speckle (`scr_db`) is at least `MIN_SCR_DB` in every channel. A draw that fails is
+drawn again (size, brightness, position, heading) up to `PLACEMENT_TRIES` times, then dropped; a
+target chip left without targets is a landform chip. So vehicles (4-12 m) appear only at about
+3 m spacing or finer. Storage tanks stand on bare or grassed ground, as tank farms do, not among
+buildings whose double bounce is as bright as a tank; their near-range rim, a shell-ground
+dihedral, is one of the brightest returns of a port (+10 to +16 dB here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import multiprocessing
@@ -35,7 +46,20 @@ WATER, URBAN, VEGETATION, BARE_SOIL, MOUNTAIN, ROAD, RUNWAY = range(len(chip_lib
 NUM_AREA_CLASSES = 5  # water..mountain are laid out as regions; roads and runways are drawn on top
 DB_RANGE = (-35.0, 15.0)
 NESZ_DB = -30.0  # noise-equivalent sigma0: the floor seen in radar shadow
-MIN_TARGET_PX = 2.0  # a target shorter than this many pixels is not resolvable and not placed
+# Visibility of a reported target. The model sees a 64 px chip as 8 x 8 patches of 8 px: a target
+# whose box's longest side is at least half a patch fills a good part of one token, while one of
+# 2 px is a sixteenth of a patch, the size of a speckle grain. A silhouette of at least 2 px^2
+# rules out slivers (a 4 px hull 0.4 px wide).
+MIN_TARGET_PX = 4.0
+MIN_TARGET_AREA_PX = 2.0
+# A box detector (box mean against the median of a 2 px ring, speckled image) at a 5 % false-alarm
+# rate on target-free boxes finds about 95 % of targets of 10-15 dB `scr_db` and all but a few
+# of those above 15 dB, but only 50-70 % at 6-8 dB and 85 % at 8-10 dB: clutter such as urban
+# blocks and land edges is itself several dB above its surroundings, and 1-4 looks leave
+# 2.4-5.6 dB of speckle per pixel.
+MIN_SCR_DB = 10.0
+SCR_RING_PX = 2  # width (px) of the clutter ring around a target's box in `scr_db`
+PLACEMENT_TRIES = 24  # draws per wanted target before it is dropped
 
 # Co-pol (VV) sigma0 in dB at C band and 35 deg incidence, its incidence slope (dB/deg) and the
 # cross-pol drop (dB), per land-cover class: specular water is dark and drops fast with incidence,
@@ -86,6 +110,18 @@ def _draw_city(rng: np.random.Generator) -> knowledge.City:
 
 def simulate_chip(index: int, seed: int, size: int = 64, num_channels: int = 2) -> chip_lib.Chip:
   """Simulates chip `index` of corpus `seed`: a [size, size, num_channels] dB image with truth."""
+  return _simulate(index, seed, size, num_channels, None)
+
+
+def simulate_chip_traced(index: int, seed: int, size: int = 64, num_channels: int = 2
+                         ) -> tuple[chip_lib.Chip, list[TargetTrace]]:
+  """`simulate_chip` and, per reported instance in order, what its visibility was judged on."""
+  trace: list[TargetTrace] = []
+  return _simulate(index, seed, size, num_channels, trace), trace
+
+
+def _simulate(index: int, seed: int, size: int, num_channels: int,
+              trace: list[TargetTrace] | None) -> chip_lib.Chip:
   if num_channels not in (1, 2):
     raise ValueError(f"num_channels must be 1 or 2, got {num_channels}")
   rng = np.random.default_rng([seed, index])
@@ -94,7 +130,7 @@ def simulate_chip(index: int, seed: int, size: int = 64, num_channels: int = 2) 
   category = _draw_category(rng, city, imaging.pixel_spacing_m, size)
   scene = _Scene(rng, city, imaging, size, category)
   sigma = _backscatter(rng, scene, imaging)
-  instances = _place_targets(rng, scene, imaging, sigma, category) if category else ()
+  instances = _place_targets(rng, scene, imaging, sigma, category, trace) if category else ()
   image = _acquire(rng, sigma, looks)
   km = rng.normal(0.0, 3.0, 2)
   geo = chip_lib.Geo(city=city.name, country=city.country, lat=city.lat + km[0] / 111.0,
@@ -393,21 +429,58 @@ def _coverage(coord: np.ndarray, centre: float, half: float) -> np.ndarray:
                  0.0, 1.0)
 
 
-def _render(sigma: np.ndarray, fp: _Footprint, cx: float, cy: float, sigma_db: float) -> float:
-  """Adds a footprint's intensity to sigma [C, H, W]; returns the peak added (linear)."""
-  size = sigma.shape[1]
+def _rasterise(fp: _Footprint, cx: float, cy: float, sigma_db: float,
+               size: int) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
+  """A footprint on the pixel grid: the window (y0, y1, x0, x1) it touches, the fraction of each
+  window pixel its silhouette covers, and the linear intensity it adds there."""
   x0, x1 = max(int(cx + fp.extent[0]) - 1, 0), min(int(cx + fp.extent[2]) + 2, size)
   y0, y1 = max(int(cy + fp.extent[1]) - 1, 0), min(int(cy + fp.extent[3]) + 2, size)
   y, x = np.mgrid[y0:y1, x0:x1] + 0.5
   c, s = math.cos(fp.angle), math.sin(fp.angle)
   u = (x - cx) * c + (y - cy) * s
   v = -(x - cx) * s + (y - cy) * c
+  cover = np.zeros(u.shape)
   added = np.zeros(u.shape)
   for du, dv, hu, hv, gain in fp.parts:
-    cover = _coverage(u, du, hu) * _coverage(v, dv, hv)
-    added = np.maximum(added, cover * 10.0 ** ((sigma_db + gain) / 10.0))
-  sigma[:, y0:y1, x0:x1] += added
-  return float(added.max())
+    part = _coverage(u, du, hu) * _coverage(v, dv, hv)
+    cover = np.maximum(cover, part)
+    added = np.maximum(added, part * 10.0 ** ((sigma_db + gain) / 10.0))
+  return (y0, y1, x0, x1), cover, added
+
+
+def box_pixels(box: tuple[float, float, float, float], size: int) -> tuple[int, int, int, int]:
+  """The whole pixels (x0, y0, x1, y1), x1/y1 exclusive, that a box touches in a `size` chip."""
+  x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+  x1, y1 = max(math.ceil(box[2]), x0 + 1), max(math.ceil(box[3]), y0 + 1)
+  return x0, y0, min(x1, size), min(y1, size)
+
+
+def scr_db(clutter: np.ndarray, window: tuple[int, int, int, int], cover: np.ndarray,
+           added: np.ndarray, box: tuple[float, float, float, float]) -> float:
+  """Signal-to-clutter ratio (dB) of a target before speckle, in its weakest channel.
+
+  clutter: noise-free sigma0 [C, H, W] without the target; window, cover, added: the target's
+  raster (`_rasterise`); box: its box. The signal is the mean sigma0 (clutter + target + noise
+  floor) over the silhouette, each pixel weighted by the fraction the target covers; the clutter
+  is the larger of the same weighted mean without the target and the median over a ring
+  `SCR_RING_PX` wide around the box, so that a target must both brighten its own pixels and
+  stand out from its surroundings. The median (as in ordered-statistic CFAR detectors) keeps a
+  clutter edge or a neighbour in part of the ring from hiding a target that stands out from the
+  rest: an aircraft on a dark apron beside bright buildings is still seen.
+  """
+  y0, y1, x0, x1 = window
+  size = clutter.shape[1]
+  floor = clutter + 10.0 ** (NESZ_DB / 10.0)
+  weight = cover / cover.sum()
+  local = (floor[:, y0:y1, x0:x1] * weight).sum(axis=(1, 2))
+  signal = local + float((added * weight).sum())
+  bx0, by0, bx1, by1 = box_pixels(box, size)
+  r = SCR_RING_PX
+  ring = np.zeros((size, size), dtype=bool)
+  ring[max(by0 - r, 0):by1 + r, max(bx0 - r, 0):bx1 + r] = True
+  ring[by0:by1, bx0:bx1] = False
+  around = np.median(floor[:, ring], axis=1) if ring.any() else local
+  return float(np.min(10.0 * np.log10(signal / np.maximum(local, around))))
 
 
 def _side_lobes(sigma: np.ndarray, cx: float, cy: float, peak: float):
@@ -422,10 +495,11 @@ def _side_lobes(sigma: np.ndarray, cx: float, cy: float, peak: float):
   sigma[:, :, ix] += lobe_y
 
 
-def _wake(rng: np.random.Generator, sigma: np.ndarray, water: np.ndarray, cx: float, cy: float,
-          angle: float, length: float, width: float):
-  """A moving ship's wake on water: a dark turbulent trail astern and two bright Kelvin arms."""
-  y, x = _grid(sigma.shape[1])
+def _wake(rng: np.random.Generator, water: np.ndarray, cx: float, cy: float, angle: float,
+          length: float, width: float) -> np.ndarray:
+  """A moving ship's wake on water, as a sigma0 factor [H, W]: a dark turbulent trail astern and
+  two bright Kelvin arms."""
+  y, x = _grid(water.shape[0])
   c, s = math.cos(angle), math.sin(angle)
   behind = -((x - cx) * c + (y - cy) * s) - length / 2  # distance astern of the stern
   across = -(x - cx) * s + (y - cy) * c
@@ -436,7 +510,7 @@ def _wake(rng: np.random.Generator, sigma: np.ndarray, water: np.ndarray, cx: fl
   kelvin = math.tan(math.radians(19.47))
   arms = (behind > 0) & (behind < 0.6 * trail) & (np.abs(np.abs(across) - behind * kelvin) < 0.6)
   factor[arms] = 2.5
-  sigma *= np.where(water, factor, 1.0)
+  return np.where(water, factor, 1.0)
 
 
 # Shapes: (rng, length px, spacing m) -> (parts of a `_Footprint`, width across in px).
@@ -479,8 +553,9 @@ def _tank(rng, diameter, spacing):
 
 SHAPES = {"ship": _ship, "aircraft": _aircraft, "vehicle": _vehicle, "storage_tank": _tank}
 # Per category: (mean extra count, max count, target sigma0 dB range, min host fraction in the box).
+# Parts add their gain to the drawn sigma0 (a tank's rim +4 dB, its roof -10 dB).
 PLACEMENT = {"ship": (2.0, 8, (4.0, 10.0), 0.9), "aircraft": (2.0, 6, (0.0, 6.0), 0.85),
-             "vehicle": (4.0, 12, (2.0, 8.0), 0.4), "storage_tank": (4.0, 9, (3.0, 9.0), 1.0)}
+             "vehicle": (4.0, 12, (2.0, 8.0), 0.4), "storage_tank": (4.0, 9, (6.0, 12.0), 1.0)}
 
 
 def _host_mask(scene: _Scene, category: str) -> np.ndarray:
@@ -492,9 +567,11 @@ def _host_mask(scene: _Scene, category: str) -> np.ndarray:
     return lc == RUNWAY
   if category == "vehicle":
     return lc == ROAD
+  # Storage tanks: tank farms on cleared or grassed ground by the water; among buildings, whose
+  # double bounce is as bright as a tank's rim, one would not be seen.
   water = lc == WATER
   near = ndimage.distance_transform_edt(~water) * scene.spacing < 250.0
-  return near & ((lc == URBAN) | (lc == BARE_SOIL) | (lc == VEGETATION))
+  return near & ((lc == BARE_SOIL) | (lc == VEGETATION))
 
 
 def _heading(rng: np.random.Generator, scene: _Scene, category: str, cx: float, cy: float) -> float:
@@ -508,9 +585,32 @@ def _heading(rng: np.random.Generator, scene: _Scene, category: str, cx: float, 
   return rng.uniform(0.0, 2 * math.pi)
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetTrace:
+  """What a reported target's visibility was judged on (`simulate_chip_traced`).
+
+  window: (y0, y1, x0, x1) of the pixels the target touches; cover, added: [y1 - y0, x1 - x0]
+  fraction of each pixel inside its silhouette and linear sigma0 it adds; clutter: noise-free
+  sigma0 [C, H, W] just before it was rendered (earlier targets, their side lobes and its own
+  wake included).
+  """
+  instance: chip_lib.Instance
+  window: tuple[int, int, int, int]
+  cover: np.ndarray
+  added: np.ndarray
+  clutter: np.ndarray
+
+
 def _place_targets(rng: np.random.Generator, scene: _Scene, imaging: chip_lib.Imaging,
-                   sigma: np.ndarray, category: str) -> tuple[chip_lib.Instance, ...]:
-  """Places and renders targets of `category` on their host surface; returns the instances."""
+                   sigma: np.ndarray, category: str,
+                   trace: list[TargetTrace] | None = None) -> tuple[chip_lib.Instance, ...]:
+  """Places and renders visible targets of `category` on their host surface; returns them.
+
+  Each wanted target gets `PLACEMENT_TRIES` draws of size, brightness, position and heading; the
+  first that fits the chip and its host, keeps clear of the others and is visible (longest box
+  side `MIN_TARGET_PX`, silhouette `MIN_TARGET_AREA_PX`, `scr_db` >= `MIN_SCR_DB`) is rendered,
+  else the target is dropped.
+  """
   size, spacing = scene.size, scene.spacing
   host = _host_mask(scene, category)
   if not host.any():
@@ -522,35 +622,45 @@ def _place_targets(rng: np.random.Generator, scene: _Scene, imaging: chip_lib.Im
   lo, hi = length_range_m(category, spacing, size)
   boxes: list[tuple[float, float, float, float]] = []
   water = scene.landcover == WATER
-  strong = []
   for _ in range(wanted):
-    length = math.exp(rng.uniform(math.log(lo), math.log(hi))) / spacing
-    parts, width = SHAPES[category](rng, length, spacing)
-    for flat in rng.choice(candidates, size=min(24, candidates.size)):
-      cy, cx = divmod(int(flat), size)
+    for _ in range(PLACEMENT_TRIES):
+      length = math.exp(rng.uniform(math.log(lo), math.log(hi))) / spacing
+      parts, width = SHAPES[category](rng, length, spacing)
+      cy, cx = divmod(int(candidates[rng.integers(candidates.size)]), size)
       cx, cy = cx + rng.random(), cy + rng.random()
       fp = _Footprint(parts, _heading(rng, scene, category, cx, cy))
       box = (cx + fp.extent[0], cy + fp.extent[1], cx + fp.extent[2], cy + fp.extent[3])
       if box[0] < 0 or box[1] < 0 or box[2] > size or box[3] > size:
         continue
+      if max(box[2] - box[0], box[3] - box[1]) < MIN_TARGET_PX:
+        continue
       if any(b[0] < box[2] + 1 and box[0] < b[2] + 1 and b[1] < box[3] + 1 and box[1] < b[3] + 1
              for b in boxes):
         continue
-      ix0, iy0 = int(box[0]), int(box[1])
-      ix1, iy1 = max(math.ceil(box[2]), ix0 + 1), max(math.ceil(box[3]), iy0 + 1)
+      ix0, iy0, ix1, iy1 = box_pixels(box, size)
       inside = table[iy1, ix1] - table[iy0, ix1] - table[iy1, ix0] + table[iy0, ix0]
       centre = host[int((box[1] + box[3]) / 2), int((box[0] + box[2]) / 2)]
       if inside < min_fraction * (ix1 - ix0) * (iy1 - iy0) or not centre:
         continue
+      window, cover, added = _rasterise(fp, cx, cy, rng.uniform(*db_range), size)
+      if cover.sum() < MIN_TARGET_AREA_PX:
+        continue
+      clutter = sigma
       if category == "ship" and rng.random() < 0.5:
-        _wake(rng, sigma, water, cx, cy, fp.angle, length, width)
-      peak = _render(sigma, fp, cx, cy, rng.uniform(*db_range))
+        clutter = sigma * _wake(rng, water, cx, cy, fp.angle, length, width)
+      if scr_db(clutter, window, cover, added, box) < MIN_SCR_DB:
+        continue
+      sigma[...] = clutter
+      if trace is not None:
+        instance = chip_lib.Instance(category, tuple(float(v) for v in box))
+        trace.append(TargetTrace(instance, window, cover, added, sigma.copy()))
+      y0, y1, x0, x1 = window
+      sigma[:, y0:y1, x0:x1] += added
+      peak = float(added.max())
       if peak > 10.0 ** 1.8:
-        strong.append((cx, cy, peak))
+        _side_lobes(sigma, cx, cy, peak)
       boxes.append(box)
       break
-  for cx, cy, peak in strong:
-    _side_lobes(sigma, cx, cy, peak)
   return tuple(chip_lib.Instance(category, tuple(float(v) for v in b)) for b in boxes)
 
 
