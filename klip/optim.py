@@ -15,9 +15,29 @@ def schedule(config) -> optax.Schedule:
       decay_steps=max(config.total_steps, warmup + 1), end_value=o.lr * o.end_lr_fraction)
 
 
+# Decayed: the dense kernels and the token embedding (also the tied output layer). Everything
+# else is not: biases, LayerNorm scales, the temperature (`logit_scale`) and `logit_bias`, the
+# class token and position embeddings (left out as in timm's ViT and DeiT recipes).
+DECAYED = ("kernel", "embedding")
+
+
+def _param_name(path) -> str:
+  """A parameter's own name: the last string key of its path (an `nnx.State` of Variables
+  adds a `.value` attribute key after it; looped layers add an integer key before it)."""
+  names = [k.key for k in path
+           if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+  return names[-1] if names else ""
+
+
 def decay_mask(params) -> object:
-  """Weight decay on matrices only: no decay on biases, norms, embeddings of rank 1, scalars."""
-  return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+  """True where a parameter gets weight decay: the leaves named in DECAYED.
+
+  Decided by name, not rank: scanned layers (`model.scan_layers`) stack every block parameter
+  along a leading layers axis, so a block's biases and LayerNorm scales have rank 2 there, and
+  the attention's query/key/value biases [heads, head_dim] have rank 2 even unscanned.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: _param_name(path) in DECAYED,
+                                          params)
 
 
 def make(config) -> optax.GradientTransformation:
