@@ -25,6 +25,16 @@ def _pair_mask(weights: jax.Array) -> jax.Array:
   return ok[:, None] & ok[None, :]
 
 
+def _soft_cross_entropy(targets: jax.Array, logits: jax.Array, col_ok: jax.Array) -> jax.Array:
+  """Per-row -sum(targets * log_softmax(logits)) over the admissible columns `col_ok` only.
+
+  Masked columns hold logits of -1e9: target mass there would cost about 1e9 per row, so it
+  is left out (the targets of `distillation_targets` put none there anyway).
+  """
+  logp = jax.nn.log_softmax(logits, axis=1)
+  return -jnp.sum(jnp.where(col_ok, targets * logp, 0.0), axis=1)
+
+
 def contrastive(zimg, ztxt, scale, weights, soft_targets=None):
   """Symmetric softmax InfoNCE over the global batch.
 
@@ -36,13 +46,31 @@ def contrastive(zimg, ztxt, scale, weights, soft_targets=None):
   logits = jnp.where(_pair_mask(weights), logits, _NEG)
   eye = jnp.eye(logits.shape[0], dtype=jnp.float32)
   i2t_target, t2i_target = soft_targets if soft_targets is not None else (eye, eye)
-  i2t = -jnp.sum(i2t_target * jax.nn.log_softmax(logits, axis=1), axis=1)
-  t2i = -jnp.sum(t2i_target * jax.nn.log_softmax(logits, axis=0).T, axis=1)
-  loss = _weighted_mean(0.5 * (i2t + t2i), weights)
+  col_ok = (weights > 0)[None]
+  i2t = _soft_cross_entropy(i2t_target, logits, col_ok)
+  t2i = _soft_cross_entropy(t2i_target, logits.T, col_ok)
+  loss = _weighted_mean(jnp.where(weights > 0, 0.5 * (i2t + t2i), 0.0), weights)
   correct = (jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])).astype(jnp.float32)
   return loss, {"contrast/loss": loss,
                 "contrast/i2t_accuracy": _weighted_mean(correct, (weights > 0) * 1.0),
                 "contrast/temperature": 1.0 / scale}
+
+
+def clause_contrastive(zimg, zclause, scale, weights, clause_tokens):
+  """Softmax InfoNCE of each image against one clause of its caption alone (e.g. "the targets
+  are classified as ship"), beside the whole-caption contrast.
+
+  Short clauses repeat across a batch (many images have "the number of targets is 1"): every
+  image whose drawn clause is the same text is a positive, with the target mass shared equally
+  among them, rather than a negative the model is pushed away from.
+  zclause: [B, E] unit clause embeddings; clause_tokens: [B, L] their tokens.
+  """
+  fp = text_fingerprint(clause_tokens)
+  same = ((fp[:, None] == fp[None, :]) & _pair_mask(weights)).astype(jnp.float32)
+  targets = same / jnp.maximum(jnp.sum(same, axis=1, keepdims=True), 1.0)
+  loss, m = contrastive(zimg, zclause, scale, weights, soft_targets=(targets, targets))
+  return loss, {"clause_contrast/loss": loss,
+                "clause_contrast/i2t_accuracy": m["contrast/i2t_accuracy"]}
 
 
 def sigmoid_contrastive(zimg, ztxt, scale, bias, weights):
@@ -56,18 +84,32 @@ def sigmoid_contrastive(zimg, ztxt, scale, bias, weights):
                 "contrast/bias": bias}
 
 
-def distillation_targets(sim_i2t_m, sim_t2i_m, alpha: float):
-  """Momentum-distillation targets: alpha * softmax(momentum similarities) + (1 - alpha) * 1-hot.
+def distillation_targets(sim_i2t_m, sim_t2i_m, alpha: float, weights=None):
+  """Momentum-distillation targets: alpha * softmax(momentum logits) + (1 - alpha) * 1-hot.
 
-  sim_*_m: [B, B + Q] similarities of the momentum encoders (batch first, then the queue).
+  sim_*_m: [B, B + Q] logits of the momentum encoders (scale * cosine; batch first, then the
+  queue). weights: optional [B] per-pair weights: the batch columns of weight 0, which
+  `queue_contrastive` masks out, get no target mass (the queue's columns are all kept).
+  The targets are constants of the step, as in ALBEF (computed without gradient): nothing,
+  the temperature included, is trained through its own targets.
   """
-  eye = jnp.eye(sim_i2t_m.shape[0], sim_i2t_m.shape[1], dtype=jnp.float32)
-  return (alpha * jax.nn.softmax(sim_i2t_m, axis=1) + (1 - alpha) * eye,
-          alpha * jax.nn.softmax(sim_t2i_m, axis=1) + (1 - alpha) * eye)
+  b, n = sim_i2t_m.shape
+  eye = jnp.eye(b, n, dtype=jnp.float32)
+  if weights is not None:
+    col_ok = jnp.concatenate([weights > 0, jnp.ones(n - b, bool)])[None]
+    sim_i2t_m = jnp.where(col_ok, sim_i2t_m, _NEG)
+    sim_t2i_m = jnp.where(col_ok, sim_t2i_m, _NEG)
+  targets = (alpha * jax.nn.softmax(sim_i2t_m.astype(jnp.float32), axis=1) + (1 - alpha) * eye,
+             alpha * jax.nn.softmax(sim_t2i_m.astype(jnp.float32), axis=1) + (1 - alpha) * eye)
+  return jax.lax.stop_gradient(targets)
 
 
 def queue_contrastive(zimg, ztxt, img_queue, txt_queue, scale, weights, targets):
-  """ITC against the batch plus a feature queue (ALBEF/BLIP), with soft targets [B, B + Q]."""
+  """ITC against the batch plus a feature queue (ALBEF/BLIP), with soft targets [B, B + Q].
+
+  An example of weight 0 is left out as anchor and as a batch column; target mass on such a
+  column is ignored, so `targets` should come from `distillation_targets` with the weights.
+  """
   ok = weights > 0
   bank_t = jnp.concatenate([ztxt, txt_queue], axis=0)
   bank_i = jnp.concatenate([zimg, img_queue], axis=0)
@@ -77,9 +119,9 @@ def queue_contrastive(zimg, ztxt, img_queue, txt_queue, scale, weights, targets)
   i2t = jnp.where(col_ok[None], i2t, _NEG)
   t2i = jnp.where(col_ok[None], t2i, _NEG)
   i2t_target, t2i_target = targets
-  li = -jnp.sum(i2t_target * jax.nn.log_softmax(i2t, axis=1), axis=1)
-  lt = -jnp.sum(t2i_target * jax.nn.log_softmax(t2i, axis=1), axis=1)
-  loss = _weighted_mean(0.5 * (li + lt), weights)
+  li = _soft_cross_entropy(i2t_target, i2t, col_ok[None])
+  lt = _soft_cross_entropy(t2i_target, t2i, col_ok[None])
+  loss = _weighted_mean(jnp.where(ok, 0.5 * (li + lt), 0.0), weights)
   correct = (jnp.argmax(i2t, axis=1) == jnp.arange(i2t.shape[0])).astype(jnp.float32)
   return loss, {"contrast/loss": loss, "contrast/temperature": 1.0 / scale,
                 "contrast/i2t_accuracy": _weighted_mean(correct, ok * 1.0)}
@@ -91,20 +133,23 @@ def text_fingerprint(tokens: jax.Array) -> jax.Array:
   return jnp.sum(tokens.astype(jnp.float32) * jnp.mod(proj, 1.0), axis=1)
 
 
-def hard_negatives(rng, sim: jax.Array, weights: jax.Array, tokens: jax.Array):
+def hard_negatives(rng, logits: jax.Array, weights: jax.Array, tokens: jax.Array):
   """One negative text per image and one negative image per text, drawn in proportion to
-  softmax(similarity) over the batch, never the positive (nor a caption identical to it).
+  softmax(logits) over the batch, never the positive (nor a caption identical to it).
 
-  sim: [B, B] image-text similarities (rows: images). Returns (neg_text [B], neg_image [B],
-  has_neg [B] bool): has_neg is False where no admissible negative exists.
+  logits: [B, B] image-text logits (rows: images), the contrastive temperature's scale times
+  the cosines, as BLIP draws them (softmax(sim / temp)): softmax of raw cosines in [-1, 1] is
+  close to uniform, and the match head would rarely see a hard negative. No gradient flows
+  through them. Returns (neg_text [B], neg_image [B], has_neg [B] bool): has_neg is False
+  where no admissible negative exists.
   """
   fp = text_fingerprint(tokens)
   same_text = fp[:, None] == fp[None, :]
   allowed = _pair_mask(weights) & ~same_text  # excludes the diagonal too
-  sim = jax.lax.stop_gradient(sim)
+  logits = jax.lax.stop_gradient(logits)
   k_text, k_image = jax.random.split(rng)
-  neg_text = jax.random.categorical(k_text, jnp.where(allowed, sim, -jnp.inf), axis=1)
-  neg_image = jax.random.categorical(k_image, jnp.where(allowed, sim, -jnp.inf).T, axis=1)
+  neg_text = jax.random.categorical(k_text, jnp.where(allowed, logits, -jnp.inf), axis=1)
+  neg_image = jax.random.categorical(k_image, jnp.where(allowed, logits, -jnp.inf).T, axis=1)
   has_neg = jnp.any(allowed, axis=1)
   return neg_text, neg_image, has_neg
 

@@ -19,14 +19,24 @@ from klip.model import two_tower
 
 
 def momentum_targets(momentum_model, batch, queues, scale, alpha: float):
-  """Momentum features of the batch and the distillation targets against batch + queue."""
+  """Momentum features of the batch and the distillation targets against batch + queue.
+
+  The targets carry no gradient (ALBEF computes them without): the temperature `scale` is
+  not trained through its own targets. The batch's examples of weight 0 get no target mass.
+  """
   zimg_m, _ = predict.embed_images(momentum_model, batch["image"])
   ztxt_m = predict.embed_texts(momentum_model, batch["tokens"])
-  zimg_m, ztxt_m = jax.lax.stop_gradient((zimg_m, ztxt_m))
+  zimg_m, ztxt_m, scale = jax.lax.stop_gradient((zimg_m, ztxt_m, scale))
   img_queue, txt_queue = queues
   sim_i2t = scale * zimg_m @ jnp.concatenate([ztxt_m, txt_queue]).T
   sim_t2i = scale * ztxt_m @ jnp.concatenate([zimg_m, img_queue]).T
-  return (zimg_m, ztxt_m), losses.distillation_targets(sim_i2t, sim_t2i, alpha)
+  targets = losses.distillation_targets(sim_i2t, sim_t2i, alpha, batch["weight"])
+  return (zimg_m, ztxt_m), targets
+
+
+def clause_tokens_len(config) -> int:
+  """The length of the batch's `clause_tokens` (0: the clause contrast is off, none made)."""
+  return config.loss.clause_max_len if config.loss.clause_contrast_weight else 0
 
 
 def total(model, batch, rng, config, momentum=None):
@@ -58,11 +68,18 @@ def total(model, batch, rng, config, momentum=None):
     contrast, m = losses.contrastive(zimg, ztxt, scale, weights)
   metrics.update(m)
   total_loss = cfg.contrast_weight * contrast
+  if cfg.clause_contrast_weight:  # each image against one of its clauses alone
+    zclause = predict.embed_texts(model, batch["clause_tokens"])
+    clause_loss, m = losses.clause_contrastive(zimg, zclause, scale, weights,
+                                               batch["clause_tokens"])
+    metrics.update(m)
+    total_loss += cfg.clause_contrast_weight * clause_loss
 
   # ----- match -----
   if cfg.match_weight:
-    sim = zimg @ ztxt.T
-    neg_text, neg_image, has_neg = losses.hard_negatives(k_neg, sim, weights, tokens)
+    # drawn from softmax(cosine / temperature), BLIP's hard negatives
+    neg_logits = jax.lax.stop_gradient(scale) * (zimg @ ztxt.T)
+    neg_text, neg_image, has_neg = losses.hard_negatives(k_neg, neg_logits, weights, tokens)
     b = tokens.shape[0]
     rows = jnp.arange(b)
     images = [image_tokens, image_tokens, image_tokens[neg_image]]

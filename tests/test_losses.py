@@ -1,11 +1,18 @@
-"""Each objective against a small reference computed in numpy."""
+"""Each objective against a small reference computed in numpy, and what `klip.objectives` feeds
+them (the hard-negative draw, the momentum-distillation targets)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from configs import pretrain
 from klip import losses
+from klip import objectives
+from klip import predict
 from klip.data import tokenizer as tok
+from klip.model.two_tower import Model
 
 
 def _unit(x):
@@ -158,3 +165,165 @@ def test_reconstruction_counts_only_value_targets_with_label_smoothing():
         total += w[i] * per
         norm += w[i]
   np.testing.assert_allclose(loss, total / norm, rtol=1e-5)
+
+
+def _smoke_config(**loss):
+  config = pretrain.get_config("smoke")
+  config.loss.update(loss)
+  return config
+
+
+@pytest.fixture(scope="module")
+def smoke_model():
+  """(smoke config, a smoke-sized model), built once (jitted: eager init is slow on CPU)."""
+  config = _smoke_config()
+  return config, nnx.jit(lambda: Model(config.model, rngs=nnx.Rngs(0)))()
+
+
+def _batch(config, n=6, seed=0):
+  rng = np.random.default_rng(seed)
+  m = config.model
+  tokens = rng.integers(6, m.text.vocab_size, (n, 16)).astype(np.int32)
+  tokens[:, 0] = tok.ENC
+  return {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
+              np.float32),
+          "tokens": tokens, "clause": np.full_like(tokens, -1),
+          "weight": np.ones((n,), np.float32)}
+
+
+def _embed(model, batch):
+  return predict.embed_images(model, batch["image"])[0], predict.embed_texts(model,
+                                                                            batch["tokens"])
+
+
+def _masked_softmax(logits):
+  """Row-wise softmax over the off-diagonal entries (a negative is never the positive)."""
+  logits = np.where(np.eye(logits.shape[0], dtype=bool), -np.inf, logits)
+  return np.exp(_log_softmax(logits, 1))
+
+
+def test_hard_negatives_draw_in_proportion_to_softmax_of_the_logits():
+  scale = 1 / 0.07
+  cosine = np.array([[1.0, 0.9, 0.1, 0.0],
+                     [0.2, 1.0, 0.3, 0.1],
+                     [0.0, 0.0, 1.0, 0.0],
+                     [0.5, 0.4, 0.3, 1.0]], np.float32)
+  tokens = np.arange(4 * 5).reshape(4, 5).astype(np.int32) + 6
+  keys = jax.random.split(jax.random.key(0), 4000)
+  draw = jax.vmap(lambda k: losses.hard_negatives(k, scale * cosine, np.ones(4), tokens)[0])
+  picks = np.asarray(draw(keys))
+  freq = np.stack([np.mean(picks == j, axis=0) for j in range(4)], axis=1)
+  np.testing.assert_allclose(freq, _masked_softmax(scale * cosine), atol=0.03)
+  assert freq[0, 1] > 0.99  # the hardest negative, not a third of the draws (uniform)
+
+
+def test_total_draws_hard_negatives_from_the_temperature_scaled_similarities(smoke_model,
+                                                                            monkeypatch):
+  """BLIP draws a negative in proportion to softmax(cosine / temperature): drawn from the
+  softmax of raw cosines in [-1, 1] it is close to uniform, rarely a hard one."""
+  _, model = smoke_model
+  config = _smoke_config(reconstruct_weight=0.0)
+  batch = _batch(config)
+  real, seen = losses.hard_negatives, []
+
+  def spy(rng, logits, weights, tokens):
+    seen.append(logits)
+    return real(rng, logits, weights, tokens)
+
+  monkeypatch.setattr(losses, "hard_negatives", spy)
+
+  @nnx.jit
+  def drawn_from(model, batch):  # what total hands to the draw
+    objectives.total(model, batch, jax.random.key(0), config)
+    return seen[-1]
+
+  logits = drawn_from(model, batch)
+  zimg, ztxt = _embed(model, batch)
+  expected = _masked_softmax(float(model.temperature_scale()) * np.asarray(zimg @ ztxt.T))
+  keys = jax.random.split(jax.random.key(1), 4000)
+  picks = np.asarray(jax.vmap(
+      lambda k: real(k, logits, batch["weight"], batch["tokens"])[0])(keys))
+  freq = np.stack([np.mean(picks == j, axis=0) for j in range(len(picks[0]))], axis=1)
+  np.testing.assert_allclose(freq, expected, atol=0.03,
+                             err_msg="negatives not drawn from softmax(scale * cosine)")
+
+
+def _queue_setup(seed=0, b=6, q=5, e=8):
+  rng = np.random.default_rng(seed)
+  zimg, ztxt, zimg_m, ztxt_m = (_unit(rng.normal(size=(b, e))).astype(np.float32)
+                                for _ in range(4))
+  img_queue, txt_queue = (_unit(rng.normal(size=(q, e))).astype(np.float32) for _ in range(2))
+  return zimg, ztxt, zimg_m, ztxt_m, img_queue, txt_queue
+
+
+def test_queue_loss_passes_no_gradient_to_the_temperature_through_its_targets():
+  """ALBEF computes the momentum targets without gradient: the temperature is not trained
+  through its own targets."""
+  zimg, ztxt, zimg_m, ztxt_m, img_queue, txt_queue = _queue_setup()
+  w = np.ones(6, np.float32)
+
+  def loss(scale, target_scale):
+    sim_i2t = target_scale * zimg_m @ np.concatenate([ztxt_m, txt_queue]).T
+    sim_t2i = target_scale * ztxt_m @ np.concatenate([zimg_m, img_queue]).T
+    targets = losses.distillation_targets(sim_i2t, sim_t2i, 0.4)
+    return losses.queue_contrastive(zimg, ztxt, img_queue, txt_queue, scale, w, targets)[0]
+
+  grad = jax.grad(lambda s: loss(s, s))(12.0)
+  reference = jax.grad(lambda s: loss(s, jax.lax.stop_gradient(s)))(12.0)
+  np.testing.assert_allclose(grad, reference, rtol=1e-5)
+
+
+def test_distillation_targets_put_no_mass_on_invalid_batch_columns():
+  sim = jax.random.normal(jax.random.key(0), (4, 7))
+  w = np.array([1, 0, 1, 1], np.float32)
+  a, b = map(np.asarray, losses.distillation_targets(sim, sim, 0.4, w))
+  valid = w > 0  # (the invalid row keeps its one-hot part; the loss leaves that row out)
+  np.testing.assert_array_equal(a[valid, 1], 0.0)
+  np.testing.assert_array_equal(b[valid, 1], 0.0)
+  np.testing.assert_allclose(a[valid].sum(1), 1.0, rtol=1e-6)
+
+
+def test_momentum_queue_loss_with_an_invalid_example_equals_the_loss_without_it(smoke_model):
+  """An example of weight 0 is masked out of the loss's columns: its momentum similarity must
+  not carry target mass there (that made one invalid example cost about 1e9)."""
+  config, model = smoke_model
+  momentum_model = model  # as at the start of training (an EMA of the model)
+  batch = _batch(config)
+  batch["weight"][2] = 0.0
+  rng = np.random.default_rng(1)
+  queues = tuple(_unit(rng.normal(size=(5, config.model.embed_dim))).astype(np.float32)
+                 for _ in range(2))
+  scale = model.temperature_scale()
+
+  def loss(batch):
+    zimg, ztxt = _embed(model, batch)
+    _, targets = objectives.momentum_targets(momentum_model, batch, queues, scale, 0.4)
+    return float(losses.queue_contrastive(zimg, ztxt, *queues, scale, batch["weight"],
+                                          targets)[0])
+
+  full = loss(batch)
+  assert np.isfinite(full) and full < 100, f"loss with one weight-0 example: {full}"
+  keep = batch["weight"] > 0
+  np.testing.assert_allclose(full, loss({k: v[keep] for k, v in batch.items()}), rtol=1e-5)
+
+
+def test_clause_contrast_treats_images_with_the_same_clause_as_positives(pair):
+  """Two images whose drawn clause is the same text share the target: exchanging their clause
+  embeddings changes nothing, whereas one-hot InfoNCE would push them apart."""
+  zimg, zclause = (jnp.asarray(z) for z in pair)
+  b = zimg.shape[0]
+  tokens = jnp.arange(b)[:, None] + jnp.zeros((b, 4), jnp.int32)
+  tokens = tokens.at[1].set(tokens[0])  # rows 0 and 1: the same clause text
+  weights = jnp.ones(b)
+  swapped = zclause.at[0].set(zclause[1]).at[1].set(zclause[0])
+  loss, _ = losses.clause_contrastive(zimg, zclause, 10.0, weights, tokens)
+  loss_swapped, _ = losses.clause_contrastive(zimg, swapped, 10.0, weights, tokens)
+  np.testing.assert_allclose(loss, loss_swapped, rtol=1e-6)
+  plain, _ = losses.contrastive(zimg, zclause, 10.0, weights)
+  plain_swapped, _ = losses.contrastive(zimg, swapped, 10.0, weights)
+  assert abs(float(plain) - float(plain_swapped)) > 1e-3
+  distinct = jnp.arange(b)[:, None] + jnp.zeros((b, 4), jnp.int32)
+  np.testing.assert_allclose(losses.clause_contrastive(zimg, zclause, 10.0, weights, distinct)[0],
+                             plain, rtol=1e-6)
+  invalid = weights.at[2].set(0.0)
+  assert float(losses.clause_contrastive(zimg, zclause, 10.0, invalid, tokens)[0]) < 100
