@@ -30,7 +30,8 @@ def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels
   """Model fields. text.fusion_layers: the top blocks of the text tower, with cross-attention to
   the image tokens, that the matching path runs per (image, text) pair (default all; 0: no
   fusion path); decoder.depth: blocks of the causal decoder (default the text tower's depth;
-  width, heads and MLP are the text tower's); attention: "auto" (cuDNN's fused attention on NVIDIA
+  width, heads and MLP are the text tower's); stem: "patch" (linear patch embedding) or "conv"
+  (stride-2 convolutions down to the patch grid, klip/model/vit.py); attention: "auto" (cuDNN's fused attention on NVIDIA
   GPUs in bfloat16/float16, else XLA's), "xla" or "cudnn" (klip/model/layers.py)."""
   width, depth, heads = vit
   t_width, t_depth, t_heads = text
@@ -41,8 +42,8 @@ def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels
                 mlp_dim=4 * t_width, pad_id=0,
                 fusion_layers=t_depth if fusion_layers is None else fusion_layers),
       decoder=dict(depth=t_depth if decoder_depth is None else decoder_depth),
-      embed_dim=embed_dim, temperature_init=0.07, dtype="float32", scan_layers=False,
-      remat_policy="none", attention="auto"))
+      stem="patch", embed_dim=embed_dim, temperature_init=0.07, dtype="float32",
+      scan_layers=False, remat_policy="none", attention="auto"))
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -53,8 +54,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Data: a dataset prepared by `python -m klip.data.prepare` ("builder/config" under data_dir).
+  # Augmentation (klip/data/pipeline.py Preprocess): gain_db calibration jitter, max_shift
+  # bounds training crops of larger chips around the centre (-1: anywhere), flip_p mirrors
+  # image and position words top to bottom.
   c.data = dict(dataset="synthetic/n4000_s64_c2_seed0", data_dir="data", split="train",
-                num_workers=0, num_threads=2, db_min=-30.0, db_max=10.0, gain_db=1.0)
+                num_workers=0, num_threads=2, db_min=-30.0, db_max=10.0, gain_db=1.0,
+                max_shift=-1, flip_p=0.0)
   # Tokenizer: trained on the training split's captions unless `path` names one.
   c.tokenizer = dict(path="", max_sentences=200_000)  # vocabulary: model.text.vocab_size
 
@@ -67,7 +72,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # momentum distillation with a feature queue replaces either when enabled. clause_negatives:
   # matching also ranks each caption above itself with one observable value swapped
   # (klip/data/negatives.py), for SCIO's screening; it costs one more text pass.
+  # clause_contrast_weight: contrast of each image with one of its observable clauses alone
+  # ("the targets are classified as ...", the form of a zero-shot prompt; images whose drawn
+  # clause reads the same are positives too), clause_max_len tokens long.
   c.loss = dict(contrast_weight=1.0, match_weight=1.0, reconstruct_weight=1.0,
+                clause_contrast_weight=0.0, clause_max_len=48,
                 contrast_type="softmax", label_smoothing=0.1, clause_negatives=False,
                 momentum=dict(enabled=False, decay=0.995, queue_size=4096, alpha=0.4))
   # SCIO (method.md §3-4): after the warm-up (full captions), every `every_steps` steps a
@@ -110,7 +119,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 5
     c.log_every = 1
   elif variant == "tiny":  # 2.8 GFLOP per example for the three objectives (XLA count)
-    c.model = _model(64, 8, (128, 4, 4), (128, 2, 4), vocab=2000, max_len=128, embed_dim=128)
+    c.model = _model(64, 8, (128, 4, 4), (128, 2, 4), vocab=2000, max_len=160, embed_dim=128)
     c.batch_size = 32
   elif variant == "small":  # about an hour on 2 cores; synthetic chips + MSTAR's train split
     c.data.dataset = "synthetic/n8000_s64_c2_seed0+mstar/depression17"

@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from flax.core import spmd as core_spmd
 
+from klip import objectives
 from klip import sharding
 from klip import train  # defines --config, whose train step this compiles
 from klip import train_state
@@ -60,7 +61,8 @@ def batch_specs(config, mesh, rules) -> dict:
   d = config.data
   preprocess = pipeline.Preprocess(
       tokenizer_path="", image_size=config.model.image_size, channels=config.model.channels,
-      max_len=config.model.text.max_len, db_min=d.db_min, db_max=d.db_max, train=True)
+      max_len=config.model.text.max_len, db_min=d.db_min, db_max=d.db_max, train=True,
+      clause_len=objectives.clause_tokens_len(config))
   root = logging.getLogger()
   level = root.level
   root.setLevel(logging.ERROR)  # an unreadable record is logged; here it is the point

@@ -30,6 +30,7 @@ from klip import distributed
 from klip import host_memory
 from klip import init_from
 from klip import metrics_writer
+from klip import objectives
 from klip import provenance
 from klip import sharding
 from klip import train_state
@@ -176,7 +177,8 @@ def train(config, workdir: str) -> dict:
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd)
                 for k, nd in (("image", 4), ("tokens", 2), ("clause", 2), ("weight", 1),
                               ("valid", 1), ("index", 1))
-                + ((("swap_tokens", 2), ("has_swap", 1)) if swap else ())}
+                + ((("swap_tokens", 2), ("has_swap", 1)) if swap else ())
+                + ((("clause_tokens", 2),) if config.loss.clause_contrast_weight else ())}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_train_step(config, graphdef),
                       in_shardings=(shardings, batch_sh, replicated),
@@ -185,7 +187,8 @@ def train(config, workdir: str) -> dict:
     preprocess = pipeline.Preprocess(
         tokenizer_path=tok.path, image_size=config.model.image_size,
         channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,
-        db_max=d.db_max, train=True, gain_db=d.gain_db,
+        db_max=d.db_max, train=True, gain_db=d.gain_db, max_shift=d.max_shift, flip_p=d.flip_p,
+        clause_len=objectives.clause_tokens_len(config),
         negatives=negatives_lib.ValuePool.collect(source) if swap else None)
     batches = pipeline.local_batches(
         source, preprocess, seed=config.seed, global_batch=config.batch_size,

@@ -214,3 +214,80 @@ def test_a_mixture_is_the_concatenation_of_its_parts(data_dir):
       dataset_lib.fingerprint(data_dir, NAME), "")
   with pytest.raises(dataset_lib.DatasetMissingError, match="--source="):
     dataset_lib.source(data_dir, f"{NAME}+mstar/depression17", "test")
+
+
+def test_vertical_flip_mirrors_position_words_only():
+  target = text_lib.compose("target", (
+      "3", "the top left, centre and bottom right of the image", "bright points on top", "10 m",
+      "ship", "scattered", "the port of X", "open water"))
+  flipped = text_lib.flip_vertical(target)
+  assert flipped.values[1] == "the bottom left, centre and top right of the image"
+  assert flipped.values[2] == "bright points on top"  # not a position field
+  assert flipped.values[0] == target.values[0] and flipped.spans != ()
+  assert text_lib.flip_vertical(flipped) == target
+  land = text_lib.compose("landform", (
+      "a plain", "farming", "vegetation (60 %) with water (40 %)",
+      "vegetation towards the top and open water towards the bottom left", "smooth", "absent",
+      "absent", "a river"))
+  assert text_lib.flip_vertical(land).values[3] == (
+      "vegetation towards the bottom and open water towards the top left")
+  centred = text_lib.compose("target", ("1", "the centre of the image", "a", "b", "c", "d",
+                                        "e", "f"))
+  assert text_lib.flip_vertical(centred) is centred
+
+
+def test_training_flip_keeps_image_and_position_words_consistent(data_dir, tok):
+  src = dataset_lib.source(data_dir, NAME, "train")
+  plain = _preprocess(tok)  # max_len long enough to reach the position clause of either family
+  flip = pipeline.Preprocess(**{**plain.__dict__, "flip_p": 1.0, "gain_db": 0.0, "max_len": 256})
+  still = pipeline.Preprocess(**{**plain.__dict__, "gain_db": 0.0, "max_len": 256})
+  for i in range(len(src)):
+    r = src[i]
+    st = schema.structured_text(r)
+    if "top" in st.values[st.field_names.index("location" if st.family == "target"
+                                                   else "layout")]:
+      break
+  else:
+    pytest.fail("no smoke chip names a top position")
+  a = still.random_map((i, r), np.random.default_rng(1))
+  b = flip.random_map((i, r), np.random.default_rng(1))
+  np.testing.assert_array_equal(b["image"], a["image"][::-1])
+  want, _ = tok.encode_caption(text_lib.flip_vertical(st), 256)
+  np.testing.assert_array_equal(b["tokens"], want)
+  assert not np.array_equal(a["tokens"], b["tokens"])
+
+
+def test_training_crops_stay_within_max_shift_of_the_centre(tok):
+  prep = pipeline.Preprocess(tokenizer_path=tok.path, image_size=32, channels=1, max_len=64,
+                             db_min=-30.0, db_max=10.0, train=True, max_shift=4)
+  db = np.arange(96 * 96, dtype=np.float32).reshape(96, 96, 1)  # each pixel its own index
+  rng = np.random.default_rng(0)
+  offsets = set()
+  for _ in range(200):
+    crop = prep._fit(db, rng)  # pylint: disable=protected-access
+    offsets.add(divmod(int(crop[0, 0, 0]), 96))
+  ys, xs = zip(*offsets)
+  assert min(ys) >= 28 and max(ys) <= 36 and min(xs) >= 28 and max(xs) <= 36
+  assert len(offsets) > 20  # still random within the bound
+
+
+def test_clause_tokens_are_one_observable_clause_never_the_skipped_one(data_dir, tok):
+  src = dataset_lib.source(data_dir, NAME, "train")
+  prep = pipeline.Preprocess(**{**_preprocess(tok).__dict__, "clause_len": 40})
+  r = src[0]
+  st = schema.structured_text(r)
+  from klip.data import chip as chip_lib  # pylint: disable=g-import-not-at-top
+  observable = [i for i, n in enumerate(st.field_names) if n in chip_lib.OBSERVABLE_FIELDS]
+  forms = {tuple(tok.encode_text(text_lib.PREFIXES[st.field_names[i]] + st.values[i], 40)): i
+           for i in observable}
+  drawn = set()
+  for seed in range(40):
+    out = prep.random_map((0, r), np.random.default_rng(seed))
+    assert out["clause_tokens"].shape == (40,)
+    drawn.add(forms[tuple(out["clause_tokens"])])
+  assert len(drawn) > 1 and drawn <= set(observable)
+  skip = observable[0]
+  rng = np.random.default_rng(0)
+  assert all(pipeline._random_clause(st, rng, skip) !=  # pylint: disable=protected-access
+             text_lib.PREFIXES[st.field_names[skip]] + st.values[skip] for _ in range(40))
+  assert prep.random_map((0, None), rng)["clause_tokens"].shape == (40,)

@@ -469,3 +469,28 @@ def test_every_dense_layer_takes_the_row_major_weight_gradient():
   assert len(linears) > 20
   assert all(node.dot_general is dense.dot_general for node in linears), [
       type(node).__name__ for node in linears if node.dot_general is not dense.dot_general]
+
+
+def test_conv_stem_tokens_follow_the_patch_grid():
+  """The conv stem gives one token per patch in patchify's row-major order: a change inside the
+  patch at row 1, column 1 (pixels 8-15) reaches only the tokens whose receptive field holds
+  it: three stride-2 3x3 convolutions (padding 1) see pixels 8j-7 .. 8j+7 for token j per axis,
+  so patch 1 reaches tokens 1 and 2 along each axis."""
+  config = tiny_config(image_size=64, stem="conv")
+  model = Model(config, rngs=nnx.Rngs(0))
+  stem = model.image.conv_stem
+  images, _ = inputs(config)
+  tokens = stem(images)
+  assert tokens.shape == (2, 64, 32)
+  moved = stem(images.at[:, 8:16, 8:16].add(5.0))
+  change = np.abs(np.asarray(moved - tokens)).sum(axis=(0, 2))
+  assert np.flatnonzero(change).tolist() == [9, 10, 17, 18]
+  out = model.encode_image(images)
+  assert out.shape == (2, 1 + 64, 32) and np.all(np.isfinite(out))
+
+
+def test_conv_stem_needs_a_power_of_two_patch_and_a_known_stem():
+  with pytest.raises(ValueError, match="power-of-two"):
+    Model(tiny_config(image_size=24, patch_size=12, stem="conv"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="model.stem"):
+    Model(tiny_config(stem="pixels"), rngs=nnx.Rngs(0))

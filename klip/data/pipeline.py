@@ -18,8 +18,10 @@ import grain
 import numpy as np
 from PIL import Image
 
+from klip.data import chip as chip_lib
 from klip.data import negatives as negatives_lib
 from klip.data import schema
+from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
 from klip.scio import table as table_lib
 
@@ -58,6 +60,18 @@ class Preprocess(grain.transforms.RandomMap):
   db_max: float
   train: bool
   gain_db: float = 0.0  # uniform calibration-gain jitter in dB (speckle-preserving)
+  # Training crops of chips larger than the model input lie within max_shift pixels of the
+  # centre crop (-1: anywhere): real chips are centred on their target, which a crop from
+  # anywhere would cut off while the caption still places it in the centre.
+  max_shift: int = -1
+  # Training images mirrored top to bottom (along azimuth) with probability flip_p, the
+  # position words of the caption mirrored with them (`text.flip_vertical`). A mirror along
+  # azimuth keeps the radar's look direction, so layover and shadow fall as before.
+  flip_p: float = 0.0
+  # Clause-level contrast (`loss.clause_contrast_weight`): each example also carries
+  # `clause_tokens` [clause_len], one of its observable clauses (template prefix + value, the
+  # form of a zero-shot prompt) drawn at random; 0: none.
+  clause_len: int = 0
   # SCIO's pair table: rewritten values, a dropped clause (left out of the tokens) and the
   # pair's weight; a record whose id the table does not expect stops the run.
   table: table_lib.TableView | None = None
@@ -93,9 +107,14 @@ class Preprocess(grain.transforms.RandomMap):
     st, skip, weight = schema.structured_text(record), -1, 1.0
     if self.table is not None:
       st, skip, weight = self.table.apply(index, table_lib.example_id(record), st)
+    if self.train and self.flip_p and rng.random() < self.flip_p:
+      image, st = image[::-1].copy(), text_lib.flip_vertical(st)
     tokens, clause = self._tokenizer().encode_caption(st, self.max_len, skip=skip)
     out = {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
            "valid": np.int32(1), "index": np.int32(index)}
+    if self.clause_len:
+      out["clause_tokens"] = self._tokenizer().encode_text(
+          _random_clause(st, rng, skip), self.clause_len)
     if self.negatives is not None:
       swapped = self.negatives.swap(st, rng, skip, visible=set(clause[clause >= 0].tolist()))
       swap = (self._tokenizer().encode_caption(swapped, self.max_len, skip=skip)[0]
@@ -128,8 +147,9 @@ class Preprocess(grain.transforms.RandomMap):
     h, w, _ = db.shape
     s = self.image_size
     if h >= s and w >= s:
-      y = rng.integers(0, h - s + 1) if self.train else (h - s) // 2
-      x = rng.integers(0, w - s + 1) if self.train else (w - s) // 2
+      y, x = (h - s) // 2, (w - s) // 2
+      if self.train:
+        y, x = (self._shift(rng, c, size - s) for c, size in ((y, h), (x, w)))
       return db[y:y + s, x:x + s]
     intensity = 10.0 ** (db / 10.0)
     out = np.stack([np.asarray(Image.fromarray(intensity[..., c]).resize((s, s),
@@ -137,14 +157,32 @@ class Preprocess(grain.transforms.RandomMap):
                     for c in range(db.shape[-1])], axis=-1)
     return 10.0 * np.log10(np.maximum(out, 1e-10))
 
+  def _shift(self, rng: np.random.Generator, centre: int, most: int) -> int:
+    """A random crop offset in [0, most], within max_shift of `centre` when that is set."""
+    lo, hi = (0, most) if self.max_shift < 0 else (max(centre - self.max_shift, 0),
+                                                  min(centre + self.max_shift, most))
+    return int(rng.integers(lo, hi + 1))
+
   def _invalid(self, index: int) -> dict:
     out = {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
            "tokens": np.zeros((self.max_len,), np.int32),
            "clause": np.full((self.max_len,), tokenizer_lib.TEMPLATE, np.int32),
            "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
+    if self.clause_len:
+      out["clause_tokens"] = np.zeros((self.clause_len,), np.int32)
     if self.negatives is not None:
       out.update(swap_tokens=np.zeros((self.max_len,), np.int32), has_swap=np.int32(0))
     return out
+
+
+def _random_clause(st: text_lib.StructuredText, rng: np.random.Generator, skip: int) -> str:
+  """One clause of `st` ("prefix value"), drawn among its observable fields (all fields when
+  it has none), never the clause `skip` that SCIO left out."""
+  names = st.field_names
+  pick = [i for i, n in enumerate(names) if n in chip_lib.OBSERVABLE_FIELDS and i != skip]
+  pick = pick or [i for i in range(len(names)) if i != skip]
+  i = pick[int(rng.integers(len(pick)))]
+  return text_lib.PREFIXES[names[i]] + st.values[i]
 
 
 def local_batches(source, preprocess: Preprocess, *, seed: int, global_batch: int,

@@ -86,3 +86,17 @@ def compose(family: str, values: tuple[str, ...] | list[str]) -> StructuredText:
     spans.append((start, start + len(value)))
     cursor = start + len(value)
   return StructuredText(family, values, "".join(parts), tuple(spans))
+
+
+# Fields whose values name image positions (chip.GRID_NAMES, "towards the top left").
+POSITION_FIELDS = ("location", "layout")
+_VERTICAL_MIRROR = {"top": "bottom", "bottom": "top"}
+
+
+def flip_vertical(st: StructuredText) -> StructuredText:
+  """The text of the image mirrored top to bottom: "top" and "bottom" swapped in the position
+  fields, every other field as it was (left, right and centre stay where they are)."""
+  values = tuple(
+      " ".join(_VERTICAL_MIRROR.get(w, w) for w in v.split(" ")) if name in POSITION_FIELDS
+      else v for name, v in zip(st.field_names, st.values))
+  return st if values == st.values else compose(st.family, values)

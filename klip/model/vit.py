@@ -1,4 +1,12 @@
-"""ViT image tower: patchify by reshape, linear patch embedding, CLS token, Encoder."""
+"""ViT image tower: a patch stem, CLS token, Encoder.
+
+Two stems (`model.stem`) turn the image into one token per patch:
+- "patch": patchify by reshape and one linear embedding (ViT);
+- "conv": log2(patch) 3x3 stride-2 convolutions, each followed by LayerNorm and GELU, then a
+  linear map to the width (Xiao et al. 2021, "Early convolutions help transformers see
+  better"). The convolutions share weights across positions and see across patch borders,
+  which a linear patch embedding of 8x8x2 speckled pixels learns slowly from few images.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,8 @@ from klip.model import dense
 from klip.model.layers import DENSE_INIT, ZEROS, Encoder, layer_norm, param
 
 POSEMB_INIT = nnx.initializers.normal(stddev=0.02)
+CONV_INIT = nnx.initializers.he_normal()
+STEMS = ("patch", "conv")
 
 
 def patch_grid(config) -> int:
@@ -43,6 +53,41 @@ def interpolate_posemb(posemb: np.ndarray | jax.Array, old_grid: int,
   return grid.reshape(new_grid * new_grid, width)
 
 
+class ConvStem(nnx.Module):
+  """[B, H, W, C] -> [B, (H/p)*(W/p), width]: stride-2 3x3 convolutions down to the patch grid.
+
+  Channels double at each stage and end at width / 2 (at least 16), then a linear map to the
+  width; the output tokens are in the same row-major patch order as `patchify`.
+  """
+
+  def __init__(self, patch: int, channels: int, width: int, dtype, *, rngs: nnx.Rngs):
+    stages = patch.bit_length() - 1
+    if patch < 2 or 1 << stages != patch:
+      raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch}")
+    widths = [max(16, width >> (stages - i)) for i in range(stages)]
+    self.convs = nnx.List()
+    self.norms = nnx.List()
+    for c_in, c_out in zip([channels] + widths[:-1], widths):
+      self.convs.append(nnx.Conv(c_in, c_out, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                                 dtype=dtype,
+                                 kernel_init=param(CONV_INIT, (None, None, None, None)),
+                                 bias_init=param(ZEROS, (None,)), rngs=rngs))
+      self.norms.append(nnx.LayerNorm(c_out, epsilon=1e-6, dtype=dtype,
+                                      scale_init=param(nnx.initializers.ones_init(), (None,)),
+                                      bias_init=param(ZEROS, (None,)), rngs=rngs))
+    self.proj = nnx.Linear(widths[-1], width, dtype=dtype, rngs=rngs,
+                           dot_general=dense.dot_general,
+                           kernel_init=param(DENSE_INIT, ("patch", "embed")),
+                           bias_init=param(ZEROS, ("embed",)))
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = images
+    for conv, norm in zip(self.convs, self.norms):
+      x = jax.nn.gelu(norm(conv(x)))
+    b, gh, gw, c = x.shape
+    return self.proj(x.reshape(b, gh * gw, c))
+
+
 class ViT(nnx.Module):
   """Vision Transformer over [B, H, W, C] SAR chips; returns [B, 1 + N, width], CLS first."""
 
@@ -53,11 +98,18 @@ class ViT(nnx.Module):
     self.channels = config.channels
     self.dtype = jnp.dtype(config.dtype)
     vit = config.vit
-    patch_dim = config.patch_size * config.patch_size * config.channels
-    self.patch_embed = nnx.Linear(patch_dim, vit.width, dtype=self.dtype, rngs=rngs,
-                                  dot_general=dense.dot_general,
-                                  kernel_init=param(DENSE_INIT, ("patch", "embed")),
-                                  bias_init=param(ZEROS, ("embed",)))
+    self.stem = config.get("stem", "patch")  # configs written before the conv stem: "patch"
+    if self.stem not in STEMS:
+      raise ValueError(f"model.stem must be one of {STEMS}, got {self.stem!r}")
+    if self.stem == "conv":
+      self.conv_stem = ConvStem(config.patch_size, config.channels, vit.width, self.dtype,
+                                rngs=rngs)
+    else:
+      patch_dim = config.patch_size * config.patch_size * config.channels
+      self.patch_embed = nnx.Linear(patch_dim, vit.width, dtype=self.dtype, rngs=rngs,
+                                    dot_general=dense.dot_general,
+                                    kernel_init=param(DENSE_INIT, ("patch", "embed")),
+                                    bias_init=param(ZEROS, ("embed",)))
     self.cls = nnx.Param(param(ZEROS, (None, "embed"))(rngs.params(), (1, vit.width)))
     self.cls_posemb = nnx.Param(
         param(POSEMB_INIT, (None, "embed"))(rngs.params(), (1, vit.width)))
@@ -74,7 +126,11 @@ class ViT(nnx.Module):
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
       raise ValueError(f"expected images of shape [B, {expected[0]}, {expected[1]}, "
                        f"{expected[2]}], got {tuple(images.shape)}")
-    x = self.patch_embed(patchify(images, self.patch_size).astype(self.dtype))
+    images = images.astype(self.dtype)
+    if self.stem == "conv":
+      x = self.conv_stem(images)
+    else:
+      x = self.patch_embed(patchify(images, self.patch_size))
     x = x + self.posemb[...].astype(self.dtype)
     cls = (self.cls[...] + self.cls_posemb[...]).astype(self.dtype)
     cls = jnp.broadcast_to(cls[None], (x.shape[0], 1, x.shape[-1]))
