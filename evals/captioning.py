@@ -30,6 +30,11 @@ reference value after `normalize` (case and punctuation ignored). Reported per f
 the interval over images of each image's fraction of correct fields). Then `num_examples`.
 A reference value longer than `max_span` tokens, or past the model's max_len decoding buffer,
 cannot be matched, so the accuracy of long fields is bounded by those two settings.
+
+Repetition (`repetition`): the share of the non-empty generated values (all eight fields of
+every image) in which one token occurs REPEAT_RUN (3) or more times in a row, tokens as
+`normalize` cuts them ("the the the", "of of of"): the degenerate loops of a decoder that has
+not learnt when to stop, which field accuracy alone does not show. Interval over those values.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from klip.data import text as text_lib
 
 BLEU_N = 4
 EXAMPLES = 8  # reference-vs-generated rows in the report
+REPEAT_RUN = 3  # a value with one token this many times in a row counts as repeating
 
 
 def normalize(text: str) -> str:
@@ -133,6 +139,23 @@ def field_accuracy(matches: Sequence[dict[str, bool]]) -> Iterator[tuple[str, fl
     yield from stats.with_ci(f"field/{name}", np.array(by_field[name]))
 
 
+def repeats(value: str, run: int = REPEAT_RUN) -> bool:
+  """Whether one `normalize` token of `value` occurs `run` or more times in a row."""
+  tokens = normalize(value).split()
+  streak = 1
+  for prev, token in zip(tokens, tokens[1:]):
+    streak = streak + 1 if token == prev else 1
+    if streak >= run:
+      return True
+  return run <= 1 and bool(tokens)
+
+
+def repetition(captions: Sequence[str], families: Sequence[str]) -> np.ndarray:
+  """Per non-empty generated value of the captions (in order), 1.0 if it `repeats`."""
+  return np.array([float(repeats(v)) for caption, family in zip(captions, families, strict=True)
+                   for v in field_values(caption, family) if normalize(v)], np.float64)
+
+
 class Evaluator:
   """Captions the images of `split` of dataset `data` and scores them."""
 
@@ -153,6 +176,9 @@ class Evaluator:
     yield from caption_scores(references, generated)
     matches = field_matches(split.records, generated)
     yield from field_accuracy(matches)
+    repeated = repetition(generated, split.texts("family"))
+    if repeated.size:
+      yield from stats.with_ci("repetition", repeated)
     yield "num_examples", float(len(split))
     artifacts.text(f"{len(split)} images of {split.name}:{split.split}, beam size "
                    f"{self.beam_size}, at most {self.max_span} tokens per value.")

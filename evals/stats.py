@@ -17,6 +17,8 @@ def bootstrap_ci(per_example: np.ndarray, statistic: Callable[[np.ndarray], floa
 
   `per_example` is [N] or [N, ...] (rows are resampled together, e.g. (prediction, target)
   pairs for a statistic that is not a mean). Fixed seed: the same inputs give the same interval.
+  A resample on which the statistic is undefined (NaN, e.g. a mAP over a resample that drew no
+  ground-truth box) is left out of the interval; the interval is NaN only if all are.
   """
   x = np.asarray(per_example)
   if x.shape[0] == 0:
@@ -25,7 +27,9 @@ def bootstrap_ci(per_example: np.ndarray, statistic: Callable[[np.ndarray], floa
   rows = rng.integers(0, x.shape[0], size=(resamples, x.shape[0]))
   values = np.array([statistic(x[r]) for r in rows], np.float64)
   alpha = (1.0 - level) / 2.0
-  low, high = np.quantile(values, [alpha, 1.0 - alpha])
+  defined = values[~np.isnan(values)]
+  low, high = (np.quantile(defined, [alpha, 1.0 - alpha]) if defined.size
+               else (float("nan"), float("nan")))
   return float(statistic(x)), float(low), float(high)
 
 

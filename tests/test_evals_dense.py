@@ -355,3 +355,14 @@ def test_segmentation_end_to_end(smoke_predictor, eval_datasets, tmp_path):
   _check_metrics(metrics, ("miou", "pixel_accuracy"), len(scenes))
   assert metrics["num_pixels"] == sum(
       np.count_nonzero(schema.decode_landcover(r) != 255) for r in scenes.records)
+
+
+def test_bootstrap_leaves_out_resamples_where_the_statistic_is_undefined():
+  """A mAP is undefined (NaN) on a resample that drew no image with ground truth: such
+  resamples are left out of the interval instead of making it NaN."""
+  from evals import stats  # pylint: disable=g-import-not-at-top
+  has_gt = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+  value, low, high = stats.bootstrap_ci(
+      has_gt, lambda x: float(x.mean()) if x.any() else float("nan"))
+  assert value == pytest.approx(1 / 6) and 0.0 < low <= value <= high <= 1.0
+  assert np.isnan(stats.bootstrap_ci(np.zeros(3), lambda x: float("nan"))[1])

@@ -1,0 +1,854 @@
+r"""Learning benchmark: what pretraining taught the image tower, per task, against references.
+
+  # evaluate the latest finished checkpoint of an existing run
+  python -m bench.learning --workdir=workdirs/tiny
+  # first train (or resume, or find finished) a pretraining variant into W, then evaluate it
+  python -m bench.learning --variant=small --workdir=workdirs/small
+  python -m bench.learning --variant=tiny --workdir=/tmp/learn_tiny --data_dir=/tmp/data
+  # without the supervised ceiling, or with a fixed budget for it
+  python -m bench.learning --workdir=W --ceiling_seconds=0      # skip it
+  python -m bench.learning --workdir=W --ceiling_seconds=120
+
+Per task, on the pretrained model (the latest complete checkpoint, or `--step`):
+- zero-shot: the class whose prompt ensemble is nearest in the shared image-text space
+  (evals/zeroshot.py's `class_prompts` and `class_embeddings`; count and position classes are
+  written as evals/answers.py writes VQA candidates, one caption clause each; "n/a" where a
+  label has no prompt form);
+- probe: evals/linear_probe.py's recipe (standardised pooled CLS features, L-BFGS logistic
+  regression, the eval config's l2 and iterations);
+- kNN: evals/knn.py's weighted vote (k from the eval config) on the same pooled features,
+  standardised then unit-normalised (evals/knn.py itself votes on the projected embedding);
+and three references on the same splits:
+- pixel probe: the same probe on the model's input pixels (after preprocessing: crop or
+  resample, dB clipping, scaling to [-1, 1]) flattened; inputs of more than PIXEL_LIMIT values
+  are 2x2 average-pooled first (the table marks it "(2x)");
+- random-init probe: the same probe on a model of the run's config initialised as the trainer
+  initialises it (`klip.train_state.create`: nnx.Rngs(config.seed)), never trained;
+- supervised ceiling: that same initial image tower (klip's ViT, the run's config) with one
+  linear head per task on the CLS token, trained from scratch with the summed cross-entropies
+  of all tasks (multi-task; each head on the examples that carry its label) on the pretraining
+  data's train split (a task whose dataset the run did not pretrain on, e.g. OpenSARShip, or
+  MSTAR for `tiny`, trains on its probe's fit split: the only labels it has), with the run's
+  optimizer (klip/optim.py: AdamW, warmup-cosine, clipping; the warmup the same fraction of the
+  steps), batch size, seed and training-time augmentation (klip.data.pipeline.Preprocess), for
+  as long as the pretraining trained (`--ceiling_seconds` overrides; 0 skips it). Both times
+  leave compilation out: the pretraining's is reconstructed from metrics.jsonl (each logged
+  interval's steps over its `perf/steps_per_s`; the first interval of each invocation, which
+  holds the compilation, at the median step time), and the ceiling's clock starts after its
+  step compiled. The ceiling's step count is planned from three timed steps so that its
+  schedule ends with the budget; it is scored by its own heads on the same test splits.
+Columns: probe / ceiling; chance, the best constant answer's accuracy on the test split (the
+majority share; at least 1 / number of classes); n_train, n_test: labelled chips of the probe's
+fit split and of the test split.
+
+Tasks:
+- mstar_subtype: the MSTAR class (mstar/depression17, prepared from ../shared/data/mstar/train
+  on first use). Its splits hold out whole aspect sectors per class: fit on train, score test;
+  a run that pretrained on MSTAR's train split (small) fits on val (evals/data.py refuses the
+  pretraining split; configs/eval.py does the same). Skipped with the reason printed when it is
+  neither prepared nor preparable.
+- opensarship_subtype: the AIS ship type (opensarship/default): fit on train, score test.
+- synthetic_category / _count / _landcover / _position / _terrain, on the run's synthetic
+  corpus (its train split is the pretraining data): fit on val, score test. category: the first
+  target's category; count: the exact number of targets (target chips); landcover: the mask's
+  dominant class; terrain: the scene's landform (`terrain` metadata, e.g. "coastal plain");
+  position: the 3x3-grid cell of a target, as evals/answers.py's VQA position question: every
+  cell holding a target's centre is a right answer (a multi-label; one prediction per chip,
+  right when it names an occupied cell). The probe and the ceiling fit it as cross-entropy
+  against the uniform distribution over the occupied cells (a chip is one training row per
+  occupied cell), k-NN votes with each neighbour's occupied cells; chance is the share of test
+  chips holding a target in the most often occupied cell.
+Captioning (the pretrained model, evals/captioning.py, greedy, on `--caption_examples` chips of
+the synthetic test split): accuracy per observable field (chip.OBSERVABLE_FIELDS: exact value
+after normalisation) and `repetition`, the share of generated values with a token repeated 3+
+times in a row.
+
+It prints the table, appends one row per task and one for captioning and timings to
+bench/RESULTS.md (date, bench `learning/<task>`, command, machine and load; figures with the
+variant, step and git commits), writes bench/out/learning.json ($OUT when set) and keeps the
+captioning report under W/bench_learning/.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+from bench import common  # before jax: the CPU platform unless JAX_PLATFORMS is set
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-order
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-order
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-order
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-order
+from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top,wrong-import-order
+from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-order
+from flax.core import spmd as core_spmd  # pylint: disable=g-import-not-at-top,wrong-import-order
+
+from configs import eval as eval_configs  # pylint: disable=g-import-not-at-top
+from evals import answers as answers_lib  # pylint: disable=g-import-not-at-top
+from evals import captioning  # pylint: disable=g-import-not-at-top
+from evals import data as data_lib  # pylint: disable=g-import-not-at-top
+from evals import knn as knn_lib  # pylint: disable=g-import-not-at-top
+from evals import linear_probe  # pylint: disable=g-import-not-at-top
+from evals import zeroshot  # pylint: disable=g-import-not-at-top
+from evals.artifacts import Artifacts  # pylint: disable=g-import-not-at-top
+from evals.predictor import Predictor, run_config  # pylint: disable=g-import-not-at-top
+from klip import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+from klip import host_memory  # pylint: disable=g-import-not-at-top
+from klip import metrics_writer  # pylint: disable=g-import-not-at-top
+from klip import optim  # pylint: disable=g-import-not-at-top
+from klip import sharding  # pylint: disable=g-import-not-at-top
+from klip import train_state  # pylint: disable=g-import-not-at-top
+from klip.data import chip as chip_lib  # pylint: disable=g-import-not-at-top
+from klip.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+from klip.data import pipeline  # pylint: disable=g-import-not-at-top
+from klip.data import schema  # pylint: disable=g-import-not-at-top
+
+ROOT = common.ROOT
+PIXEL_LIMIT = 4096  # input values per image above which the pixel probe pools 2x2 first
+TIMING_STEPS = 3    # ceiling steps timed to plan its schedule
+BENCH = "learning"
+
+COLUMNS = ("task", "zero-shot", "probe", "kNN", "pixel probe", "random-init probe",
+           "supervised ceiling", "probe / ceiling", "chance", "n_train", "n_test")
+KEYS = ("zeroshot", "probe", "knn", "pixel_probe", "random_probe", "ceiling",
+        "probe_over_ceiling", "chance", "n_train", "n_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str   # the table row
+  data: str   # key of the eval config's datasets
+  label: str  # subtype, category, count, dominant_landcover, position, terrain
+
+
+TASKS = (
+    Task("mstar_subtype", "mstar", "subtype"),
+    Task("opensarship_subtype", "opensarship", "subtype"),
+    Task("synthetic_category", "synthetic", "category"),
+    Task("synthetic_count", "synthetic", "count"),
+    Task("synthetic_landcover", "synthetic", "dominant_landcover"),
+    Task("synthetic_position", "synthetic", "position"),
+    Task("synthetic_terrain", "synthetic", "terrain"),
+)
+
+
+def log(msg: str) -> None:
+  print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels, prompts and scores (a label is a set of right answers: one for every task but
+# position).
+# ---------------------------------------------------------------------------------------------
+def label_sets(split: data_lib.Split, label: str) -> list[frozenset]:
+  """Right answers per record of `split`; an empty set where the record has no such label."""
+  if label in ("count", "position"):  # evals/answers.py's ground truth (target chips)
+    return answers_lib.QUESTIONS[label].truth(split)
+  return [frozenset({n}) if n else frozenset() for n in data_lib.labels(split, label)]
+
+
+def prompts(label: str, name) -> list[str]:
+  """The zero-shot prompts of class `name`: count and position as evals/answers.py writes
+  their candidates (one caption clause), the others evals/zeroshot.py's ensemble; [] where the
+  label has no clause to put a class name in."""
+  if label in ("count", "position"):
+    return list(answers_lib.QUESTIONS[label].texts(name))
+  return zeroshot.class_prompts(label, str(name))
+
+
+def accuracy(pred, sets: list[frozenset]) -> float:
+  return float(np.mean([p in s for p, s in zip(pred, sets, strict=True)]))
+
+
+def chance(sets: list[frozenset]) -> float:
+  """The accuracy of the best constant answer (the majority share)."""
+  classes = sorted(frozenset().union(*sets))
+  return max(float(np.mean([c in s for s in sets])) for c in classes)
+
+
+def expand(sets: list[frozenset], classes: list) -> tuple[np.ndarray, np.ndarray]:
+  """(row index, class index) per right answer: a chip with k right answers is k rows."""
+  index = {c: i for i, c in enumerate(classes)}
+  pairs = [(i, index[c]) for i, s in enumerate(sets) for c in sorted(s)]
+  return (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64))
+
+
+def probe_accuracy(x_fit, fit_sets, x_test, test_sets, *, l2: float, epochs: int) -> float:
+  """evals/linear_probe.py's recipe; a multi-label chip is one row per right answer."""
+  seen = sorted(frozenset().union(*fit_sets))
+  rows, y = expand(fit_sets, seen)
+  x_fit, x_test = linear_probe.standardise(x_fit, x_test)
+  w, b = linear_probe.fit_logistic(x_fit[rows], y, len(seen), l2=l2, max_iter=epochs)
+  pred = np.argmax(x_test @ w + b, axis=-1)
+  return accuracy([seen[i] for i in pred], test_sets)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def knn_accuracy(x_fit, fit_sets, x_test, test_sets, *, k: int) -> float:
+  """evals/knn.py's vote on standardised, unit-normalised features."""
+  seen = sorted(frozenset().union(*fit_sets))
+  rows, y = expand(fit_sets, seen)
+  x_fit, x_test = linear_probe.standardise(x_fit, x_test)
+  pred = knn_lib.knn_predict(_unit(x_fit)[rows], y, _unit(x_test), len(seen), k)
+  return accuracy([seen[i] for i in pred], test_sets)
+
+
+def pixel_features(predictor: Predictor, lab, cache: dict) -> tuple[np.ndarray, int]:
+  """The model inputs of a labelled split's chips flattened, 2x2-pooled when large;
+  (features, pool factor). `cache` keeps each whole split's pixels for the other tasks."""
+  key = (lab.full.name, lab.full.split, len(lab.full))
+  if key not in cache:
+    images = predictor.images(lab.full.records)
+    n, s, _, c = images.shape
+    factor = 2 if s * s * c > PIXEL_LIMIT and s % 2 == 0 else 1
+    if factor > 1:
+      images = images.reshape(n, s // 2, 2, s // 2, 2, c).mean(axis=(2, 4))
+    cache[key] = (images.reshape(n, -1), factor)
+  x, factor = cache[key]
+  return x[lab.rows], factor
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: its config, checkpoint, pretraining time; training it first (--variant).
+# ---------------------------------------------------------------------------------------------
+def latest_step(workdir: str) -> int:
+  directory = os.path.join(workdir, "checkpoints")
+  steps = checkpoint_lib.complete_steps(directory)
+  if not steps:
+    raise SystemExit(
+        f"{workdir} has no finished checkpoint (looked in {directory}). Train it first: "
+        f"python -m bench.learning --variant=tiny --workdir={workdir}, or python -m klip.train "
+        f"--config=configs/pretrain.py:tiny --workdir={workdir}")
+  return steps[-1]
+
+
+def pretrain_seconds(workdir: str) -> tuple[float, str]:
+  """Training time of the run without compilation, from metrics.jsonl (module docstring)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: cannot tell how long the pretraining took; "
+                            "give --ceiling_seconds")
+  rows = {r["step"]: r for r in metrics_writer.read(path)}  # the last row of a step counts
+  known_s, known_steps, unknown_steps, prev = 0.0, 0, 0, 0
+  for step in sorted(rows):
+    rate = rows[step].get("perf/steps_per_s")
+    if rate and rate > 0:
+      known_s += (step - prev) / rate
+      known_steps += step - prev
+    else:
+      unknown_steps += step - prev
+    prev = step
+  if not known_steps:
+    raise ValueError(f"{path} has no perf/steps_per_s: give --ceiling_seconds")
+  seconds = known_s + unknown_steps * known_s / known_steps
+  return seconds, (f"{prev} steps from {os.path.basename(path)}: {known_steps} at their logged "
+                   f"rates, {unknown_steps} at the mean step time")
+
+
+def git_commit() -> str:
+  try:
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def pretrain(variant: str, workdir: str, data_dir: str = "") -> float:
+  """Trains `variant` into `workdir` with `python -m klip.train` (resuming an unfinished run),
+  streaming its output; returns its wall seconds (0 when `workdir` holds a finished run: it is
+  used as it is)."""
+  from configs import pretrain as pretrain_configs  # pylint: disable=g-import-not-at-top
+  config = pretrain_configs.get_config(variant)
+  data_dir = data_dir or config.data.data_dir
+  existing = os.path.join(workdir, "config.json")
+  if os.path.exists(existing):
+    recorded = run_config(workdir)
+    if recorded.get("variant") != variant:
+      raise SystemExit(f"{workdir} holds a {recorded.get('variant')!r} run, not {variant!r}: "
+                       "use another --workdir")
+    steps = checkpoint_lib.complete_steps(os.path.join(workdir, "checkpoints"))
+    if steps and steps[-1] >= max(int(config.total_steps), int(recorded.total_steps)):
+      # A finished run is evaluated as recorded: resuming it through the trainer would rebuild
+      # the model from today's variant config, which may have changed since (it is refused
+      # when a shape differs).
+      log(f"pretraining: {workdir} holds a finished {variant} run (step {steps[-1]}); not "
+          "starting the trainer")
+      return 0.0
+  for part in dataset_lib.parts(config.data.dataset):
+    if part.startswith("synthetic/"):
+      continue  # the trainer builds a missing embedded corpus itself
+    try:
+      dataset_lib.dataset_dir(os.path.join(ROOT, data_dir) if not os.path.isabs(data_dir)
+                              else data_dir, part)
+    except dataset_lib.DatasetMissingError:
+      builder = part.partition("/")[0]
+      source = {"mstar": "../shared/data/mstar/train",
+                "opensarship": "../shared/data/opensarship"}.get(builder, "<the archive>")
+      raise SystemExit(
+          f"{variant} pretrains on {part}, which is not prepared under {data_dir}. Prepare it "
+          f"first (from {ROOT}):\n  .venv/bin/python -m klip.data.prepare --dataset={builder} "
+          f"--source={source} --data_dir={data_dir}") from None
+  cmd = [sys.executable, "-m", "klip.train", f"--config=configs/pretrain.py:{variant}",
+         f"--workdir={workdir}"]
+  if data_dir != config.data.data_dir:
+    cmd.append(f"--config.data.data_dir={data_dir}")
+  env = dict(os.environ)
+  env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  log(f"pretraining: {' '.join(shlex.quote(c) for c in cmd)}")
+  start = time.time()
+  with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    for line in proc.stdout:
+      print(f"  [train] {line}", end="", flush=True)
+  if proc.returncode:
+    raise SystemExit(f"pretraining failed (exit {proc.returncode}): {' '.join(cmd)}")
+  seconds = time.time() - start
+  log(f"pretraining process done in {seconds:.0f} s")
+  return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits of each task.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Labelled:
+  full: data_lib.Split    # the whole split (its features are computed once for all tasks)
+  rows: np.ndarray        # the records of `full` that carry the task's label
+  sets: list[frozenset]   # their right answers
+
+  @property
+  def split(self) -> data_lib.Split:
+    return self.full.subset(self.rows)
+
+  def pooled(self, predictor: Predictor) -> np.ndarray:
+    return predictor.split_features(self.full).pooled[self.rows]
+
+  def embedding(self, predictor: Predictor) -> np.ndarray:
+    return predictor.split_features(self.full).embedding[self.rows]
+
+
+class NoLabels(ValueError):
+  """A split without a single record carrying the task's label."""
+
+
+def labelled(split: data_lib.Split, label: str) -> Labelled:
+  sets = label_sets(split, label)
+  rows = [i for i, s in enumerate(sets) if s]
+  if not rows:
+    raise NoLabels(f"{split.name}:{split.split} has no {label!r} labels in its {len(split)} "
+                     "examples")
+  return Labelled(split, np.array(rows, np.int64), [sets[i] for i in rows])
+
+
+@dataclasses.dataclass
+class TaskData:
+  task: Task
+  fit: Labelled | None = None
+  test: Labelled | None = None
+  ceiling_train: Labelled | None = None
+  ceiling_source: str = ""
+  skipped: str = ""
+
+
+def _pretraining_split(run, name: str) -> bool:
+  return name in dataset_lib.parts(run.data.dataset)
+
+
+def _read_split(data_dir: str, key: str, name: str, split: str, limit: int) -> data_lib.Split:
+  """A split read directly, without evals/data.py's held-out check (the ceiling trains on the
+  pretraining split)."""
+  source = dataset_lib.source(data_dir, name, split)
+  rows = data_lib.spread(len(source), limit)
+  return data_lib.Split(key, name, split, [source[int(i)] for i in rows])
+
+
+def task_data(datasets: data_lib.Datasets, specs, run, data_dir: str, *, max_examples: int,
+              ceiling: bool) -> list[TaskData]:
+  """Fit, test and ceiling-training splits of every task; skipped tasks say why."""
+  out = []
+  for task in TASKS:
+    td = TaskData(task)
+    out.append(td)
+    name = specs[task.data].name
+    in_pretraining = _pretraining_split(run, name) and run.data.split == "train"
+    fit_split = "val" if task.data == "synthetic" or in_pretraining else "train"
+    try:
+      td.fit = labelled(datasets.split(task.data, fit_split), task.label)
+      td.test = labelled(datasets.split(task.data, "test"), task.label)
+      if ceiling:
+        if in_pretraining:  # the pretraining data's train split
+          train = _read_split(data_dir, task.data, name, "train", max_examples)
+          td.ceiling_train, td.ceiling_source = labelled(train, task.label), f"{name}:train"
+        else:  # the task's only labelled training data
+          td.ceiling_train, td.ceiling_source = td.fit, f"{name}:{fit_split}"
+    except (dataset_lib.DatasetMissingError, data_lib.HeldOutError, NoLabels) as e:
+      td.skipped = str(e).splitlines()[0]
+      log(f"{task.name}: skipped: {td.skipped}")
+      continue
+    log(f"{task.name}: fit {name}:{fit_split} ({len(td.fit.sets)} chips), test {name}:test "
+        f"({len(td.test.sets)} chips)"
+        + (f", ceiling trains on {td.ceiling_source} ({len(td.ceiling_train.sets)} chips)"
+           if td.ceiling_train else ""))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the random initialisation and the supervised ceiling.
+# ---------------------------------------------------------------------------------------------
+def initial_model(run, mesh, rules):
+  """The run's model as the trainer initialises it (klip.train_state.create), on the mesh."""
+  graphdef, state, _ = train_state.create(run, mesh, rules)
+  return nnx.merge(graphdef, state).model
+
+
+def _predictor_of(model, like: Predictor) -> Predictor:
+  return Predictor(model=model, tokenizer=like.tokenizer, config=like.config, mesh=like.mesh,
+                   rules=like.rules, step=0, batch_size=like.batch_size)
+
+
+@dataclasses.dataclass
+class CeilingResult:
+  accuracy: dict            # task name -> test accuracy
+  steps: int = 0
+  planned_steps: int = 0
+  seconds: float = 0.0
+  compile_seconds: float = 0.0
+  examples: int = 0
+  sources: str = ""
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def _ceiling_config(run, steps: int):
+  """The run's config with total_steps = steps and the warmup the same fraction of them."""
+  config = copy.deepcopy(run)
+  total = max(int(run.total_steps), 1)
+  config.total_steps = steps
+  config.optim.warmup_steps = int(round(run.optim.warmup_steps * steps / total))
+  return config
+
+
+def train_ceiling(run, mesh, rules, tasks: list[TaskData], budget_s: float,
+                  like: Predictor) -> CeilingResult:
+  """The supervised ceiling (module docstring): trains, then scores every task's test split."""
+  active = [td for td in tasks if td.ceiling_train is not None]
+  if not active:
+    return CeilingResult({})
+  # ----- the training pool: every ceiling-training chip once, with one target row per task
+  by_id, records, targets = {}, [], {}
+  classes = {td.task.name: sorted(frozenset().union(*td.ceiling_train.sets)) for td in active}
+  for td in active:
+    for record in td.ceiling_train.split.records:
+      key = (td.ceiling_train.full.name, schema.text_of(record["id"]))
+      if key not in by_id:
+        by_id[key] = len(records)
+        records.append(record)
+  n = len(records)
+  for td in active:
+    c = classes[td.task.name]
+    index = {v: i for i, v in enumerate(c)}
+    t = np.zeros((n, len(c)), np.float32)
+    for record, answers in zip(td.ceiling_train.split.records, td.ceiling_train.sets):
+      row = by_id[(td.ceiling_train.full.name, schema.text_of(record["id"]))]
+      for a in answers:
+        t[row, index[a]] = 1.0 / len(answers)
+    targets[td.task.name] = t
+  images_db = [schema.decode_image(r) for r in records]
+  d, m = run.data, run.model
+  pre = pipeline.Preprocess(tokenizer_path=like.tokenizer.path, image_size=m.image_size,
+                            channels=m.channels, max_len=m.text.max_len, db_min=d.db_min,
+                            db_max=d.db_max, train=True, gain_db=d.gain_db)
+  shards = int(np.prod([mesh.shape[a] for a in ("slice", "data", "fsdp") if a in mesh.shape]))
+  batch = max(shards, int(run.batch_size) // shards * shards)
+  rng = np.random.default_rng(int(run.seed))
+
+  def next_batch():
+    rows = rng.integers(0, n, batch)
+    x = np.stack([pre.image(images_db[i], rng) for i in rows])
+    return x, {k: v[rows] for k, v in targets.items()}
+
+  # ----- the model: the trainer's initial image tower and zero-initialised heads
+  model = initial_model(run, mesh, rules)
+  vit_graph, vit_params, vit_rest = nnx.split(model.image, nnx.Param, ...)
+  width = int(m.vit.width)
+  initial = {"vit": vit_params,
+             "heads": {k: {"w": jnp.zeros((width, len(c)), jnp.float32),
+                           "b": jnp.zeros((len(c),), jnp.float32)} for k, c in classes.items()}}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  initial["heads"] = jax.device_put(initial["heads"], replicated)
+
+  def loss_fn(params, images, tgt):
+    vit = nnx.merge(vit_graph, params["vit"], vit_rest)
+    pooled = vit(images)[:, 0].astype(jnp.float32)
+    total = 0.0
+    for k, t in tgt.items():
+      head = params["heads"][k]
+      logp = jax.nn.log_softmax(pooled @ head["w"] + head["b"])
+      total = total + -jnp.sum(t * logp) / jnp.maximum(jnp.sum(t), 1.0)
+    return total
+
+  def build(steps: int):
+    tx = optim.make(_ceiling_config(run, steps))
+
+    def step(params, opt_state, images, tgt):
+      loss, grads = jax.value_and_grad(loss_fn)(params, images, tgt)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+      return tx, jax.jit(step)
+
+  def put(x):
+    return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.ndim))
+
+  def run_steps(fn, params, opt_state, count, deadline=None):
+    done, loss = 0, float("nan")
+    with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+      while done < count and (deadline is None or time.perf_counter() < deadline):
+        x, tgt = next_batch()
+        params, opt_state, loss = fn(params, opt_state, put(x),
+                                     {k: put(v) for k, v in tgt.items()})
+        loss.block_until_ready()  # each step finished before the clock is read again
+        done += 1
+      jax.block_until_ready(params)
+    return params, opt_state, done, float(loss)
+
+  # ----- plan the steps from a few timed ones on a provisional schedule, then train afresh
+  # (two throwaway steps compile it: for the initial arrays' shardings and the outputs')
+  t0 = time.perf_counter()
+  tx, fn = build(int(run.total_steps))
+  params, opt_state, _, _ = run_steps(fn, initial, tx.init(initial), 2)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  run_steps(fn, params, opt_state, TIMING_STEPS)
+  step_s = (time.perf_counter() - t0) / TIMING_STEPS
+  planned = max(1, int(budget_s / step_s))
+  log(f"ceiling: {n} chips, batch {batch}, {step_s:.3f} s per step: {planned} steps planned "
+      f"for {budget_s:.0f} s (compiled in {compile_s:.1f} s)")
+  t0 = time.perf_counter()
+  tx, fn = build(planned)
+  run_steps(fn, initial, tx.init(initial), 2)  # compiles the planned schedule's step
+  compile_s += time.perf_counter() - t0
+  start = time.perf_counter()
+  params, opt_state, steps, loss, last_log = initial, tx.init(initial), 0, float("nan"), start
+  deadline = start + budget_s
+  while steps < planned and time.perf_counter() < deadline:
+    chunk = max(1, min(planned - steps, 50))
+    params, opt_state, done, loss = run_steps(fn, params, opt_state, chunk, deadline)
+    steps += done
+    if time.perf_counter() - last_log > 30 or steps >= planned:
+      last_log = time.perf_counter()
+      log(f"ceiling: step {steps}/{planned}, loss {loss:.4f}, "
+          f"{last_log - start:.0f}/{budget_s:.0f} s, peak RSS {_peak_rss_gib():.1f} GiB")
+  seconds = time.perf_counter() - start
+  # ----- score: the trained tower's pooled features through the Predictor, then each head
+  nnx.update(model.image, params["vit"])
+  predictor = _predictor_of(model, like)
+  heads = jax.device_get(params["heads"])
+  result = {}
+  for td in active:
+    pooled = td.test.pooled(predictor)
+    head = heads[td.task.name]
+    pred = np.argmax(pooled @ np.asarray(head["w"]) + np.asarray(head["b"]), axis=-1)
+    result[td.task.name] = accuracy([classes[td.task.name][i] for i in pred], td.test.sets)
+  sources = ", ".join(sorted({td.ceiling_source for td in active}))
+  log(f"ceiling: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+  return CeilingResult(result, steps=steps, planned_steps=planned, seconds=seconds,
+                       compile_seconds=compile_s, examples=n, sources=sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark.
+# ---------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+  if isinstance(v, str):
+    return v
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "-"
+  if isinstance(v, int):
+    return str(v)
+  return f"{v:.3f}"
+
+
+def format_table(rows: list[dict], pixel_factor: dict) -> str:
+  cells = []
+  for r in rows:
+    if r.get("skipped"):
+      cells.append([r["task"]] + ["-"] * (len(COLUMNS) - 1))
+      continue
+    values = [_fmt(r.get(k)) for k in KEYS]
+    if pixel_factor.get(r["task"], 1) > 1 and values[3] != "-":
+      values[3] += f" ({pixel_factor[r['task']]}x)"
+    cells.append([r["task"]] + values)
+  return common.table(cells, list(COLUMNS))
+
+
+def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
+        ceiling_seconds: float = -1.0, max_examples: int = 0, caption_examples: int = 64,
+        batch_size: int = 64, source_root: str = "", prepare_workers: int = 1,
+        results: str | None = common.RESULTS,
+        out_dir: str | None = common.OUT_DIR, command: str | None = None) -> dict:
+  """The whole benchmark; returns {'rows', 'captioning', 'seconds', ...} (and prints the
+  table, appends RESULTS.md rows unless results is None)."""
+  times = {}
+  load_start = common.load()
+  t = time.time()
+  if variant:
+    times["pretrain_process"] = pretrain(variant, workdir, data_dir)
+  if not os.path.isdir(workdir):
+    raise SystemExit(f"{workdir} does not exist: give --variant=tiny (or another) to train "
+                     "it first")
+  run_cfg = run_config(workdir)
+  step = step or latest_step(workdir)
+  if ceiling_seconds < 0:
+    budget, budget_how = pretrain_seconds(workdir)
+  else:
+    budget, budget_how = ceiling_seconds, "--ceiling_seconds"
+  log(f"{workdir}: {run_cfg.get('variant', '?')} run, evaluating step {step}; ceiling budget "
+      f"{budget:.0f} s ({budget_how})")
+
+  # ----- the pretrained model, the data
+  mesh = sharding.make_mesh(dict(slice=1, data=-1, fsdp=1, tensor=1))
+  rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in run_cfg.sharding_rules)
+  t = time.time()
+  pretrained = Predictor.restore(workdir, step, mesh=mesh, batch_size=batch_size)
+  times["restore"] = time.time() - t
+  ec = eval_configs.get_config(run_cfg.variant if run_cfg.get("variant") in
+                               eval_configs.VARIANTS else "tiny")
+  specs = ec.datasets  # a locked ConfigDict takes new values for its keys
+  synthetic = [p for p in dataset_lib.parts(run_cfg.data.dataset) if p.startswith("synthetic/")]
+  if synthetic:
+    specs.synthetic.name = synthetic[0]
+  data_dir = data_dir or run_cfg.data.data_dir
+  datasets = data_lib.Datasets(specs, data_dir=data_dir,
+                               source_root=source_root or ec.source_root, pretrain=run_cfg.data,
+                               max_examples=max_examples, prepare_workers=prepare_workers)
+  l2, epochs = ec.evals.probe_category.l2, ec.evals.probe_category.epochs
+  k = ec.evals.knn_category.k
+  t = time.time()
+  tasks = task_data(datasets, specs, run_cfg, data_dir, max_examples=max_examples,
+                    ceiling=budget > 0)
+  times["data"] = time.time() - t
+
+  # ----- the pretrained and random-init models' features; the probes
+  t = time.time()
+  random_init = _predictor_of(initial_model(run_cfg, mesh, rules), pretrained)
+  rows, pixel_factor, pixels = [], {}, {}
+  for td in tasks:
+    row = {"task": td.task.name}
+    rows.append(row)
+    if td.skipped:
+      row["skipped"] = td.skipped
+      continue
+    log(f"{td.task.name}: features, zero-shot, probes, kNN")
+    fit, test = td.fit, td.test
+    x_fit, x_test = fit.pooled(pretrained), test.pooled(pretrained)
+    classes = sorted(frozenset().union(*fit.sets, *test.sets,
+                                       zeroshot.VOCABULARIES.get(td.task.label, ())))
+    class_prompts = [prompts(td.task.label, c) for c in classes]
+    if all(class_prompts):
+      text = zeroshot.class_embeddings(pretrained.embed_texts, class_prompts)
+      pred = np.argmax(test.embedding(pretrained) @ text.T, axis=-1)
+      row["zeroshot"] = accuracy([classes[i] for i in pred], test.sets)
+    else:
+      row["zeroshot"] = "n/a"
+    row["probe"] = probe_accuracy(x_fit, fit.sets, x_test, test.sets, l2=l2, epochs=epochs)
+    row["knn"] = knn_accuracy(x_fit, fit.sets, x_test, test.sets, k=k)
+    p_fit, factor = pixel_features(pretrained, fit, pixels)
+    p_test, _ = pixel_features(pretrained, test, pixels)
+    pixel_factor[td.task.name] = factor
+    row["pixel_probe"] = probe_accuracy(p_fit, fit.sets, p_test, test.sets, l2=l2,
+                                        epochs=epochs)
+    row["pixel_pool"] = factor
+    row["random_probe"] = probe_accuracy(
+        fit.pooled(random_init), fit.sets, test.pooled(random_init), test.sets, l2=l2,
+        epochs=epochs)
+    row["chance"] = chance(test.sets)
+    row["n_train"], row["n_test"] = len(fit.sets), len(test.sets)
+    row["classes"] = len(classes)
+  times["probes"] = time.time() - t
+
+  # ----- captioning (the pretrained model)
+  t = time.time()
+  cap = {}
+  try:
+    log(f"captioning {caption_examples or 'all'} synthetic test chips")
+    art_dir = os.path.join(workdir, "bench_learning")
+    evaluator = captioning.Evaluator(pretrained, datasets, data="synthetic", split="test",
+                                     beam_size=1, max_span=ec.evals.captioning.max_span,
+                                     max_examples=caption_examples or None)
+    metrics = dict(evaluator.run(Artifacts(art_dir, "captioning")))
+    fields = {f: metrics[f"field/{f}"] for f in chip_lib.OBSERVABLE_FIELDS
+              if f"field/{f}" in metrics}
+    cap = {"fields": fields, "repetition": metrics.get("repetition", float("nan")),
+           "observable_mean": float(np.mean(list(fields.values()))) if fields else float("nan"),
+           "examples": int(metrics["num_examples"])}
+  except (dataset_lib.DatasetMissingError, ValueError) as e:
+    cap = {"skipped": str(e).splitlines()[0]}
+    log(f"captioning: skipped: {cap['skipped']}")
+  times["captioning"] = time.time() - t
+
+  # ----- the supervised ceiling
+  ceiling = CeilingResult({})
+  if budget > 0:
+    t = time.time()
+    log(f"supervised ceiling: {budget:.0f} s of training")
+    ceiling = train_ceiling(run_cfg, mesh, rules, tasks, budget, pretrained)
+    times["ceiling"] = time.time() - t
+  for row in rows:
+    if row.get("skipped"):
+      continue
+    c = ceiling.accuracy.get(row["task"], float("nan"))
+    row["ceiling"] = c
+    row["probe_over_ceiling"] = row["probe"] / c if c and math.isfinite(c) else float("nan")
+  times["total"] = sum(v for k, v in times.items() if k != "pretrain_process")
+
+  # ----- report
+  info = {"variant": run_cfg.get("variant", "?"), "step": step, "commit": git_commit(),
+          "run_commit": _run_commit(workdir)}
+  table = format_table(rows, pixel_factor)
+  lines = ["", f"Learning benchmark: {workdir} ({info['variant']}, step {step}; commit "
+           f"{info['commit']}, run trained at {info['run_commit']}; {common.machine()})", table]
+  for row in rows:
+    if row.get("skipped"):
+      lines.append(f"  {row['task']}: skipped: {row['skipped']}")
+  if budget > 0:
+    lines.append(
+        f"supervised ceiling: {ceiling.steps}/{ceiling.planned_steps} steps in "
+        f"{ceiling.seconds:.0f} s (budget {budget:.0f} s: {budget_how}; compile "
+        f"{ceiling.compile_seconds:.0f} s) on {ceiling.examples} chips of {ceiling.sources}")
+  else:
+    lines.append("supervised ceiling: skipped (--ceiling_seconds=0)")
+  if pixel_factor and max(pixel_factor.values()) > 1:
+    lines.append("pixel probe (2x): the input 2x2 average-pooled (more than "
+                 f"{PIXEL_LIMIT} values per image)")
+  if "fields" in cap:
+    lines.append(f"captioning ({cap['examples']} synthetic test chips, greedy): observable "
+                 "field accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in cap["fields"].items())
+                 + f"; mean {cap['observable_mean']:.3f}; repetition {cap['repetition']:.3f}")
+  elif cap:
+    lines.append(f"captioning: skipped: {cap['skipped']}")
+  lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+  print("\n".join(lines), flush=True)
+
+  out = {"rows": rows, "captioning": cap, "seconds": times, "ceiling": dataclasses.asdict(
+      ceiling), "budget_seconds": budget, "budget_how": budget_how, **info, "table": table}
+  if results:
+    _record(results, rows, cap, times, info, ceiling, budget, load_start, command)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{BENCH}.json"), "w") as f:
+      json.dump(out, f, indent=1, default=str)
+  os.makedirs(os.path.join(workdir, "bench_learning"), exist_ok=True)
+  with open(os.path.join(workdir, "bench_learning", "results.json"), "w") as f:
+    json.dump(out, f, indent=1, default=str)
+  return out
+
+
+def _run_commit(workdir: str) -> str:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      commit = json.load(f).get("git_commit", "unknown")
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+  except (OSError, ValueError):
+    return "unknown"
+
+
+def _command() -> str:
+  cmd = "python -m bench.learning " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  value = os.environ.get("GLIBC_TUNABLES", "").strip()
+  return f"GLIBC_TUNABLES={shlex.quote(value)} {cmd}" if value else cmd
+
+
+def _record(path, rows, cap, times, info, ceiling, budget, load_start, command) -> None:
+  """One RESULTS.md row per task and one for captioning and timings (common.record's row)."""
+  now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+  machine = f"{common.machine()}; load {load_start:.1f}->{common.load():.1f}"
+  head = f"variant={info['variant']}; step={info['step']}; commit={info['commit']}; " \
+         f"run_commit={info['run_commit']}"
+  command = command or _command()
+  lines = []
+  for row in rows:
+    if row.get("skipped"):
+      figs = f"{head}; skipped={row['skipped'].replace('|', '/')}"
+    else:
+      figs = head + "".join(f"; {k}={_fmt(row.get(k))}" for k in KEYS) + \
+          f"; pixel_pool={row['pixel_pool']}; classes={row['classes']}"
+    lines.append(f"| {now} | {BENCH}/{row['task']} | `{command}` | {machine} | {figs} |")
+  figs = head
+  if "fields" in cap:
+    figs += "".join(f"; field_{k}={v:.3f}" for k, v in cap["fields"].items())
+    figs += f"; observable_mean={cap['observable_mean']:.3f}; repetition=" \
+            f"{_fmt(cap['repetition'])}; caption_examples={cap['examples']}"
+  elif cap:
+    figs += f"; captioning_skipped={cap['skipped'].replace('|', '/')}"
+  figs += f"; ceiling_steps={ceiling.steps}; ceiling_budget_s={budget:.0f}; " \
+          f"ceiling_examples={ceiling.examples}"
+  figs += "".join(f"; {k}_s={v:.0f}" for k, v in times.items())
+  lines.append(f"| {now} | {BENCH}/captioning | `{command}` | {machine} | {figs} |")
+  with open(path, "a") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the program: the test
+  session imports klip.train and evals.run, whose --workdir and --step would clash.
+
+  --data_dir is klip.data.prepare's flag (evals/data.py imports that module to prepare an
+  archive on first use, and absl refuses a second definition): given, it names where the
+  prepared datasets are; otherwise the run's config.data.data_dir counts.
+  """
+  from klip.data import prepare  # pylint: disable=g-import-not-at-top,unused-import
+  flags.DEFINE_string("workdir", None, "The training run's directory.")
+  flags.DEFINE_string("variant", "", "Train this configs/pretrain.py variant into --workdir "
+                      "first (resuming what is there).")
+  flags.DEFINE_integer("step", 0, "Checkpoint step (0: the latest finished one).")
+  flags.DEFINE_float("ceiling_seconds", -1.0, "Supervised ceiling's training time (-1: as long "
+                     "as the pretraining trained; 0: skip it).")
+  flags.DEFINE_integer("max_examples", 0, "Cap on every split (0: all).")
+  flags.DEFINE_integer("caption_examples", 64, "Synthetic test chips captioned (0: all).")
+  flags.DEFINE_integer("batch_size", 64, "Examples per prediction call.")
+  flags.DEFINE_string("source_root", "", "Real archives (default: the eval config's "
+                      "../shared/data).")
+  flags.DEFINE_integer("prepare_workers", 1, "Processes preparing a real archive on first use.")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.workdir is None:
+    raise app.UsageError("--workdir is required")
+  if not f["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  if hint := host_memory.advice(jax.default_backend()):
+    absl_logging.warning(hint)
+  run(f.workdir, variant=f.variant, data_dir=f.data_dir if f["data_dir"].present else "",
+      step=f.step, ceiling_seconds=f.ceiling_seconds, max_examples=f.max_examples,
+      caption_examples=f.caption_examples, batch_size=f.batch_size, source_root=f.source_root,
+      prepare_workers=f.prepare_workers)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
