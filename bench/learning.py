@@ -71,13 +71,11 @@ captioning report under W/bench_learning/.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import json
 import math
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -86,141 +84,35 @@ import time
 from bench import common  # before jax: the CPU platform unless JAX_PLATFORMS is set
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-order
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-order
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-order
-import optax  # pylint: disable=g-import-not-at-top,wrong-import-order
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-order
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-order
 from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top,wrong-import-order
-from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-order
-from flax.core import spmd as core_spmd  # pylint: disable=g-import-not-at-top,wrong-import-order
 
+from bench import learning_ceiling as ceiling_lib  # pylint: disable=g-import-not-at-top
+from bench import learning_tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+from bench.learning_tasks import log  # pylint: disable=g-import-not-at-top
 from configs import eval as eval_configs  # pylint: disable=g-import-not-at-top
-from evals import answers as answers_lib  # pylint: disable=g-import-not-at-top
 from evals import captioning  # pylint: disable=g-import-not-at-top
 from evals import data as data_lib  # pylint: disable=g-import-not-at-top
-from evals import knn as knn_lib  # pylint: disable=g-import-not-at-top
-from evals import linear_probe  # pylint: disable=g-import-not-at-top
 from evals import zeroshot  # pylint: disable=g-import-not-at-top
 from evals.artifacts import Artifacts  # pylint: disable=g-import-not-at-top
 from evals.predictor import Predictor, run_config  # pylint: disable=g-import-not-at-top
 from klip import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
 from klip import host_memory  # pylint: disable=g-import-not-at-top
 from klip import metrics_writer  # pylint: disable=g-import-not-at-top
-from klip import optim  # pylint: disable=g-import-not-at-top
+from klip import provenance  # pylint: disable=g-import-not-at-top
 from klip import sharding  # pylint: disable=g-import-not-at-top
-from klip import train_state  # pylint: disable=g-import-not-at-top
 from klip.data import chip as chip_lib  # pylint: disable=g-import-not-at-top
 from klip.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-from klip.data import pipeline  # pylint: disable=g-import-not-at-top
-from klip.data import schema  # pylint: disable=g-import-not-at-top
 
 ROOT = common.ROOT
-PIXEL_LIMIT = 4096  # input values per image above which the pixel probe pools 2x2 first
-TIMING_STEPS = 3    # ceiling steps timed to plan its schedule
 BENCH = "learning"
 
 COLUMNS = ("task", "zero-shot", "probe", "kNN", "pixel probe", "random-init probe",
            "supervised ceiling", "probe / ceiling", "chance", "n_train", "n_test")
 KEYS = ("zeroshot", "probe", "knn", "pixel_probe", "random_probe", "ceiling",
         "probe_over_ceiling", "chance", "n_train", "n_test")
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  name: str   # the table row
-  data: str   # key of the eval config's datasets
-  label: str  # subtype, category, count, dominant_landcover, position, terrain
-
-
-TASKS = (
-    Task("mstar_subtype", "mstar", "subtype"),
-    Task("opensarship_subtype", "opensarship", "subtype"),
-    Task("synthetic_category", "synthetic", "category"),
-    Task("synthetic_count", "synthetic", "count"),
-    Task("synthetic_landcover", "synthetic", "dominant_landcover"),
-    Task("synthetic_position", "synthetic", "position"),
-    Task("synthetic_terrain", "synthetic", "terrain"),
-)
-
-
-def log(msg: str) -> None:
-  print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Labels, prompts and scores (a label is a set of right answers: one for every task but
-# position).
-# ---------------------------------------------------------------------------------------------
-def label_sets(split: data_lib.Split, label: str) -> list[frozenset]:
-  """Right answers per record of `split`; an empty set where the record has no such label."""
-  if label in ("count", "position"):  # evals/answers.py's ground truth (target chips)
-    return answers_lib.QUESTIONS[label].truth(split)
-  return [frozenset({n}) if n else frozenset() for n in data_lib.labels(split, label)]
-
-
-def prompts(label: str, name) -> list[str]:
-  """The zero-shot prompts of class `name`: count and position as evals/answers.py writes
-  their candidates (one caption clause), the others evals/zeroshot.py's ensemble; [] where the
-  label has no clause to put a class name in."""
-  if label in ("count", "position"):
-    return list(answers_lib.QUESTIONS[label].texts(name))
-  return zeroshot.class_prompts(label, str(name))
-
-
-def accuracy(pred, sets: list[frozenset]) -> float:
-  return float(np.mean([p in s for p, s in zip(pred, sets, strict=True)]))
-
-
-def chance(sets: list[frozenset]) -> float:
-  """The accuracy of the best constant answer (the majority share)."""
-  classes = sorted(frozenset().union(*sets))
-  return max(float(np.mean([c in s for s in sets])) for c in classes)
-
-
-def expand(sets: list[frozenset], classes: list) -> tuple[np.ndarray, np.ndarray]:
-  """(row index, class index) per right answer: a chip with k right answers is k rows."""
-  index = {c: i for i, c in enumerate(classes)}
-  pairs = [(i, index[c]) for i, s in enumerate(sets) for c in sorted(s)]
-  return (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64))
-
-
-def probe_accuracy(x_fit, fit_sets, x_test, test_sets, *, l2: float, epochs: int) -> float:
-  """evals/linear_probe.py's recipe; a multi-label chip is one row per right answer."""
-  seen = sorted(frozenset().union(*fit_sets))
-  rows, y = expand(fit_sets, seen)
-  x_fit, x_test = linear_probe.standardise(x_fit, x_test)
-  w, b = linear_probe.fit_logistic(x_fit[rows], y, len(seen), l2=l2, max_iter=epochs)
-  pred = np.argmax(x_test @ w + b, axis=-1)
-  return accuracy([seen[i] for i in pred], test_sets)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def knn_accuracy(x_fit, fit_sets, x_test, test_sets, *, k: int) -> float:
-  """evals/knn.py's vote on standardised, unit-normalised features."""
-  seen = sorted(frozenset().union(*fit_sets))
-  rows, y = expand(fit_sets, seen)
-  x_fit, x_test = linear_probe.standardise(x_fit, x_test)
-  pred = knn_lib.knn_predict(_unit(x_fit)[rows], y, _unit(x_test), len(seen), k)
-  return accuracy([seen[i] for i in pred], test_sets)
-
-
-def pixel_features(predictor: Predictor, lab, cache: dict) -> tuple[np.ndarray, int]:
-  """The model inputs of a labelled split's chips flattened, 2x2-pooled when large;
-  (features, pool factor). `cache` keeps each whole split's pixels for the other tasks."""
-  key = (lab.full.name, lab.full.split, len(lab.full))
-  if key not in cache:
-    images = predictor.images(lab.full.records)
-    n, s, _, c = images.shape
-    factor = 2 if s * s * c > PIXEL_LIMIT and s % 2 == 0 else 1
-    if factor > 1:
-      images = images.reshape(n, s // 2, 2, s // 2, 2, c).mean(axis=(2, 4))
-    cache[key] = (images.reshape(n, -1), factor)
-  x, factor = cache[key]
-  return x[lab.rows], factor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,17 +150,6 @@ def pretrain_seconds(workdir: str) -> tuple[float, str]:
   seconds = known_s + unknown_steps * known_s / known_steps
   return seconds, (f"{prev} steps from {os.path.basename(path)}: {known_steps} at their logged "
                    f"rates, {unknown_steps} at the mean step time")
-
-
-def git_commit() -> str:
-  try:
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return head + ("+dirty" if dirty else "")
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
 
 
 def pretrain(variant: str, workdir: str, data_dir: str = "") -> float:
@@ -324,258 +205,6 @@ def pretrain(variant: str, workdir: str, data_dir: str = "") -> float:
   seconds = time.time() - start
   log(f"pretraining process done in {seconds:.0f} s")
   return seconds
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits of each task.
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Labelled:
-  full: data_lib.Split    # the whole split (its features are computed once for all tasks)
-  rows: np.ndarray        # the records of `full` that carry the task's label
-  sets: list[frozenset]   # their right answers
-
-  @property
-  def split(self) -> data_lib.Split:
-    return self.full.subset(self.rows)
-
-  def pooled(self, predictor: Predictor) -> np.ndarray:
-    return predictor.split_features(self.full).pooled[self.rows]
-
-  def embedding(self, predictor: Predictor) -> np.ndarray:
-    return predictor.split_features(self.full).embedding[self.rows]
-
-
-class NoLabels(ValueError):
-  """A split without a single record carrying the task's label."""
-
-
-def labelled(split: data_lib.Split, label: str) -> Labelled:
-  sets = label_sets(split, label)
-  rows = [i for i, s in enumerate(sets) if s]
-  if not rows:
-    raise NoLabels(f"{split.name}:{split.split} has no {label!r} labels in its {len(split)} "
-                     "examples")
-  return Labelled(split, np.array(rows, np.int64), [sets[i] for i in rows])
-
-
-@dataclasses.dataclass
-class TaskData:
-  task: Task
-  fit: Labelled | None = None
-  test: Labelled | None = None
-  ceiling_train: Labelled | None = None
-  ceiling_source: str = ""
-  skipped: str = ""
-
-
-def _pretraining_split(run, name: str) -> bool:
-  return name in dataset_lib.parts(run.data.dataset)
-
-
-def _read_split(data_dir: str, key: str, name: str, split: str, limit: int) -> data_lib.Split:
-  """A split read directly, without evals/data.py's held-out check (the ceiling trains on the
-  pretraining split)."""
-  source = dataset_lib.source(data_dir, name, split)
-  rows = data_lib.spread(len(source), limit)
-  return data_lib.Split(key, name, split, [source[int(i)] for i in rows])
-
-
-def task_data(datasets: data_lib.Datasets, specs, run, data_dir: str, *, max_examples: int,
-              ceiling: bool) -> list[TaskData]:
-  """Fit, test and ceiling-training splits of every task; skipped tasks say why."""
-  out = []
-  for task in TASKS:
-    td = TaskData(task)
-    out.append(td)
-    name = specs[task.data].name
-    in_pretraining = _pretraining_split(run, name) and run.data.split == "train"
-    fit_split = "val" if task.data == "synthetic" or in_pretraining else "train"
-    try:
-      td.fit = labelled(datasets.split(task.data, fit_split), task.label)
-      td.test = labelled(datasets.split(task.data, "test"), task.label)
-      if ceiling:
-        if in_pretraining:  # the pretraining data's train split
-          train = _read_split(data_dir, task.data, name, "train", max_examples)
-          td.ceiling_train, td.ceiling_source = labelled(train, task.label), f"{name}:train"
-        else:  # the task's only labelled training data
-          td.ceiling_train, td.ceiling_source = td.fit, f"{name}:{fit_split}"
-    except (dataset_lib.DatasetMissingError, data_lib.HeldOutError, NoLabels) as e:
-      td.skipped = str(e).splitlines()[0]
-      log(f"{task.name}: skipped: {td.skipped}")
-      continue
-    log(f"{task.name}: fit {name}:{fit_split} ({len(td.fit.sets)} chips), test {name}:test "
-        f"({len(td.test.sets)} chips)"
-        + (f", ceiling trains on {td.ceiling_source} ({len(td.ceiling_train.sets)} chips)"
-           if td.ceiling_train else ""))
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Models: the random initialisation and the supervised ceiling.
-# ---------------------------------------------------------------------------------------------
-def initial_model(run, mesh, rules):
-  """The run's model as the trainer initialises it (klip.train_state.create), on the mesh."""
-  graphdef, state, _ = train_state.create(run, mesh, rules)
-  return nnx.merge(graphdef, state).model
-
-
-def _predictor_of(model, like: Predictor) -> Predictor:
-  return Predictor(model=model, tokenizer=like.tokenizer, config=like.config, mesh=like.mesh,
-                   rules=like.rules, step=0, batch_size=like.batch_size)
-
-
-@dataclasses.dataclass
-class CeilingResult:
-  accuracy: dict            # task name -> test accuracy
-  steps: int = 0
-  planned_steps: int = 0
-  seconds: float = 0.0
-  compile_seconds: float = 0.0
-  examples: int = 0
-  sources: str = ""
-
-
-def _peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
-
-
-def _ceiling_config(run, steps: int):
-  """The run's config with total_steps = steps and the warmup the same fraction of them."""
-  config = copy.deepcopy(run)
-  total = max(int(run.total_steps), 1)
-  config.total_steps = steps
-  config.optim.warmup_steps = int(round(run.optim.warmup_steps * steps / total))
-  return config
-
-
-def train_ceiling(run, mesh, rules, tasks: list[TaskData], budget_s: float,
-                  like: Predictor) -> CeilingResult:
-  """The supervised ceiling (module docstring): trains, then scores every task's test split."""
-  active = [td for td in tasks if td.ceiling_train is not None]
-  if not active:
-    return CeilingResult({})
-  # ----- the training pool: every ceiling-training chip once, with one target row per task
-  by_id, records, targets = {}, [], {}
-  classes = {td.task.name: sorted(frozenset().union(*td.ceiling_train.sets)) for td in active}
-  for td in active:
-    for record in td.ceiling_train.split.records:
-      key = (td.ceiling_train.full.name, schema.text_of(record["id"]))
-      if key not in by_id:
-        by_id[key] = len(records)
-        records.append(record)
-  n = len(records)
-  for td in active:
-    c = classes[td.task.name]
-    index = {v: i for i, v in enumerate(c)}
-    t = np.zeros((n, len(c)), np.float32)
-    for record, answers in zip(td.ceiling_train.split.records, td.ceiling_train.sets):
-      row = by_id[(td.ceiling_train.full.name, schema.text_of(record["id"]))]
-      for a in answers:
-        t[row, index[a]] = 1.0 / len(answers)
-    targets[td.task.name] = t
-  images_db = [schema.decode_image(r) for r in records]
-  d, m = run.data, run.model
-  pre = pipeline.Preprocess(tokenizer_path=like.tokenizer.path, image_size=m.image_size,
-                            channels=m.channels, max_len=m.text.max_len, db_min=d.db_min,
-                            db_max=d.db_max, train=True, gain_db=d.gain_db)
-  shards = int(np.prod([mesh.shape[a] for a in ("slice", "data", "fsdp") if a in mesh.shape]))
-  batch = max(shards, int(run.batch_size) // shards * shards)
-  rng = np.random.default_rng(int(run.seed))
-
-  def next_batch():
-    rows = rng.integers(0, n, batch)
-    x = np.stack([pre.image(images_db[i], rng) for i in rows])
-    return x, {k: v[rows] for k, v in targets.items()}
-
-  # ----- the model: the trainer's initial image tower and zero-initialised heads
-  model = initial_model(run, mesh, rules)
-  vit_graph, vit_params, vit_rest = nnx.split(model.image, nnx.Param, ...)
-  width = int(m.vit.width)
-  initial = {"vit": vit_params,
-             "heads": {k: {"w": jnp.zeros((width, len(c)), jnp.float32),
-                           "b": jnp.zeros((len(c),), jnp.float32)} for k, c in classes.items()}}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  initial["heads"] = jax.device_put(initial["heads"], replicated)
-
-  def loss_fn(params, images, tgt):
-    vit = nnx.merge(vit_graph, params["vit"], vit_rest)
-    pooled = vit(images)[:, 0].astype(jnp.float32)
-    total = 0.0
-    for k, t in tgt.items():
-      head = params["heads"][k]
-      logp = jax.nn.log_softmax(pooled @ head["w"] + head["b"])
-      total = total + -jnp.sum(t * logp) / jnp.maximum(jnp.sum(t), 1.0)
-    return total
-
-  def build(steps: int):
-    tx = optim.make(_ceiling_config(run, steps))
-
-    def step(params, opt_state, images, tgt):
-      loss, grads = jax.value_and_grad(loss_fn)(params, images, tgt)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
-      return tx, jax.jit(step)
-
-  def put(x):
-    return jax.device_put(x, sharding.batch_sharding(mesh, rules, x.ndim))
-
-  def run_steps(fn, params, opt_state, count, deadline=None):
-    done, loss = 0, float("nan")
-    with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
-      while done < count and (deadline is None or time.perf_counter() < deadline):
-        x, tgt = next_batch()
-        params, opt_state, loss = fn(params, opt_state, put(x),
-                                     {k: put(v) for k, v in tgt.items()})
-        loss.block_until_ready()  # each step finished before the clock is read again
-        done += 1
-      jax.block_until_ready(params)
-    return params, opt_state, done, float(loss)
-
-  # ----- plan the steps from a few timed ones on a provisional schedule, then train afresh
-  # (two throwaway steps compile it: for the initial arrays' shardings and the outputs')
-  t0 = time.perf_counter()
-  tx, fn = build(int(run.total_steps))
-  params, opt_state, _, _ = run_steps(fn, initial, tx.init(initial), 2)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run_steps(fn, params, opt_state, TIMING_STEPS)
-  step_s = (time.perf_counter() - t0) / TIMING_STEPS
-  planned = max(1, int(budget_s / step_s))
-  log(f"ceiling: {n} chips, batch {batch}, {step_s:.3f} s per step: {planned} steps planned "
-      f"for {budget_s:.0f} s (compiled in {compile_s:.1f} s)")
-  t0 = time.perf_counter()
-  tx, fn = build(planned)
-  run_steps(fn, initial, tx.init(initial), 2)  # compiles the planned schedule's step
-  compile_s += time.perf_counter() - t0
-  start = time.perf_counter()
-  params, opt_state, steps, loss, last_log = initial, tx.init(initial), 0, float("nan"), start
-  deadline = start + budget_s
-  while steps < planned and time.perf_counter() < deadline:
-    chunk = max(1, min(planned - steps, 50))
-    params, opt_state, done, loss = run_steps(fn, params, opt_state, chunk, deadline)
-    steps += done
-    if time.perf_counter() - last_log > 30 or steps >= planned:
-      last_log = time.perf_counter()
-      log(f"ceiling: step {steps}/{planned}, loss {loss:.4f}, "
-          f"{last_log - start:.0f}/{budget_s:.0f} s, peak RSS {_peak_rss_gib():.1f} GiB")
-  seconds = time.perf_counter() - start
-  # ----- score: the trained tower's pooled features through the Predictor, then each head
-  nnx.update(model.image, params["vit"])
-  predictor = _predictor_of(model, like)
-  heads = jax.device_get(params["heads"])
-  result = {}
-  for td in active:
-    pooled = td.test.pooled(predictor)
-    head = heads[td.task.name]
-    pred = np.argmax(pooled @ np.asarray(head["w"]) + np.asarray(head["b"]), axis=-1)
-    result[td.task.name] = accuracy([classes[td.task.name][i] for i in pred], td.test.sets)
-  sources = ", ".join(sorted({td.ceiling_source for td in active}))
-  log(f"ceiling: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-  return CeilingResult(result, steps=steps, planned_steps=planned, seconds=seconds,
-                       compile_seconds=compile_s, examples=n, sources=sources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,13 +276,14 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
   l2, epochs = ec.evals.probe_category.l2, ec.evals.probe_category.epochs
   k = ec.evals.knn_category.k
   t = time.time()
-  tasks = task_data(datasets, specs, run_cfg, data_dir, max_examples=max_examples,
+  tasks = tasks_lib.task_data(datasets, specs, run_cfg, data_dir, max_examples=max_examples,
                     ceiling=budget > 0)
   times["data"] = time.time() - t
 
   # ----- the pretrained and random-init models' features; the probes
   t = time.time()
-  random_init = _predictor_of(initial_model(run_cfg, mesh, rules), pretrained)
+  random_init = ceiling_lib.predictor_of(ceiling_lib.initial_model(run_cfg, mesh, rules),
+                                         pretrained)
   rows, pixel_factor, pixels = [], {}, {}
   for td in tasks:
     row = {"task": td.task.name}
@@ -666,25 +296,26 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
     x_fit, x_test = fit.pooled(pretrained), test.pooled(pretrained)
     classes = sorted(frozenset().union(*fit.sets, *test.sets,
                                        zeroshot.VOCABULARIES.get(td.task.label, ())))
-    class_prompts = [prompts(td.task.label, c) for c in classes]
+    class_prompts = [tasks_lib.prompts(td.task.label, c) for c in classes]
     if all(class_prompts):
       text = zeroshot.class_embeddings(pretrained.embed_texts, class_prompts)
       pred = np.argmax(test.embedding(pretrained) @ text.T, axis=-1)
-      row["zeroshot"] = accuracy([classes[i] for i in pred], test.sets)
+      row["zeroshot"] = tasks_lib.accuracy([classes[i] for i in pred], test.sets)
     else:
       row["zeroshot"] = "n/a"
-    row["probe"] = probe_accuracy(x_fit, fit.sets, x_test, test.sets, l2=l2, epochs=epochs)
-    row["knn"] = knn_accuracy(x_fit, fit.sets, x_test, test.sets, k=k)
-    p_fit, factor = pixel_features(pretrained, fit, pixels)
-    p_test, _ = pixel_features(pretrained, test, pixels)
+    row["probe"] = tasks_lib.probe_accuracy(x_fit, fit.sets, x_test, test.sets, l2=l2,
+                                            epochs=epochs)
+    row["knn"] = tasks_lib.knn_accuracy(x_fit, fit.sets, x_test, test.sets, k=k)
+    p_fit, factor = tasks_lib.pixel_features(pretrained, fit, pixels)
+    p_test, _ = tasks_lib.pixel_features(pretrained, test, pixels)
     pixel_factor[td.task.name] = factor
-    row["pixel_probe"] = probe_accuracy(p_fit, fit.sets, p_test, test.sets, l2=l2,
+    row["pixel_probe"] = tasks_lib.probe_accuracy(p_fit, fit.sets, p_test, test.sets, l2=l2,
                                         epochs=epochs)
     row["pixel_pool"] = factor
-    row["random_probe"] = probe_accuracy(
+    row["random_probe"] = tasks_lib.probe_accuracy(
         fit.pooled(random_init), fit.sets, test.pooled(random_init), test.sets, l2=l2,
         epochs=epochs)
-    row["chance"] = chance(test.sets)
+    row["chance"] = tasks_lib.chance(test.sets)
     row["n_train"], row["n_test"] = len(fit.sets), len(test.sets)
     row["classes"] = len(classes)
   times["probes"] = time.time() - t
@@ -710,11 +341,11 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
   times["captioning"] = time.time() - t
 
   # ----- the supervised ceiling
-  ceiling = CeilingResult({})
+  ceiling = ceiling_lib.CeilingResult({})
   if budget > 0:
     t = time.time()
     log(f"supervised ceiling: {budget:.0f} s of training")
-    ceiling = train_ceiling(run_cfg, mesh, rules, tasks, budget, pretrained)
+    ceiling = ceiling_lib.train_ceiling(run_cfg, mesh, rules, tasks, budget, pretrained)
     times["ceiling"] = time.time() - t
   for row in rows:
     if row.get("skipped"):
@@ -725,8 +356,8 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
   times["total"] = sum(v for k, v in times.items() if k != "pretrain_process")
 
   # ----- report
-  info = {"variant": run_cfg.get("variant", "?"), "step": step, "commit": git_commit(),
-          "run_commit": _run_commit(workdir)}
+  info = {"variant": run_cfg.get("variant", "?"), "step": step,
+          "commit": provenance.git_commit(), "run_commit": _run_commit(workdir)}
   table = format_table(rows, pixel_factor)
   lines = ["", f"Learning benchmark: {workdir} ({info['variant']}, step {step}; commit "
            f"{info['commit']}, run trained at {info['run_commit']}; {common.machine()})", table]
@@ -742,7 +373,7 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
     lines.append("supervised ceiling: skipped (--ceiling_seconds=0)")
   if pixel_factor and max(pixel_factor.values()) > 1:
     lines.append("pixel probe (2x): the input 2x2 average-pooled (more than "
-                 f"{PIXEL_LIMIT} values per image)")
+                 f"{tasks_lib.PIXEL_LIMIT} values per image)")
   if "fields" in cap:
     lines.append(f"captioning ({cap['examples']} synthetic test chips, greedy): observable "
                  "field accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in cap["fields"].items())

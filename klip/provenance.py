@@ -16,7 +16,7 @@ class ProvenanceMismatch(RuntimeError):
   pass
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
@@ -60,13 +60,13 @@ def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerpr
             "original dataset.")
   entry = {
       "config": json.loads(config.to_json()),
-      "git_commit": _git_commit(),
+      "git_commit": git_commit(),
       "versions": _versions(),
       "dataset_fingerprint": dataset_fingerprint,
       "tokenizer_fingerprint": tokenizer_fingerprint,
       "resumed_from_step": resumed_from,
       "history": (previous or {}).get("history", []) + [
-          {"git_commit": _git_commit(), "resumed_from_step": resumed_from,
+          {"git_commit": git_commit(), "resumed_from_step": resumed_from,
            "total_steps": config.total_steps}],
   }
   if write:

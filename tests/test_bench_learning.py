@@ -42,6 +42,7 @@ def test_repetition_is_the_share_of_non_empty_values():
 @pytest.mark.slow
 def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
   from bench import learning  # pylint: disable=g-import-not-at-top
+  from bench import learning_tasks  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   shutil.copytree(smoke_run[0], workdir)  # the bench writes bench_learning/ into its workdir
   results = tmp_path / "RESULTS.md"
@@ -51,7 +52,7 @@ def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
                      out_dir=str(tmp_path / "out"), command="python -m bench.learning (test)")
   printed = capsys.readouterr().out
   rows = {r["task"]: r for r in out["rows"]}
-  assert list(rows) == [t.name for t in learning.TASKS]
+  assert list(rows) == [t.name for t in learning_tasks.TASKS]
   real = {"mstar_subtype": "mstar", "opensarship_subtype": "opensarship"}
   for name, row in rows.items():
     assert name in printed
@@ -68,13 +69,14 @@ def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
   assert set(cap["fields"]) <= set(chip_lib.OBSERVABLE_FIELDS) and cap["fields"]
   assert 0.0 <= cap["repetition"] <= 1.0
   lines = [l for l in results.read_text().splitlines() if l.startswith("| ")]
-  assert len(lines) == len(learning.TASKS) + 1
+  assert len(lines) == len(learning_tasks.TASKS) + 1
   assert all("variant=smoke; step=10; commit=" in l for l in lines)
   assert os.path.exists(tmp_path / "out" / "learning.json")
 
 
 def test_pretrain_seconds_from_logged_rates(tmp_path):
   from bench import learning  # pylint: disable=g-import-not-at-top
+  from bench import learning_tasks  # pylint: disable=g-import-not-at-top
   rows = [{"step": 10}, {"step": 20, "perf/steps_per_s": 2.0},
           {"step": 30, "perf/steps_per_s": 1.0},  # a resumed invocation's first row:
           {"step": 40}, {"step": 50, "perf/steps_per_s": 2.0}]

@@ -650,7 +650,8 @@ def _place_targets(rng: np.random.Generator, scene: _Scene, imaging: chip_lib.Im
         clutter = sigma * _wake(rng, water, cx, cy, fp.angle, length, width)
       if scr_db(clutter, window, cover, added, box) < MIN_SCR_DB:
         continue
-      sigma[...] = clutter
+      if clutter is not sigma:  # the accepted ship's wake
+        sigma[...] = clutter
       if trace is not None:
         instance = chip_lib.Instance(category, tuple(float(v) for v in box))
         trace.append(TargetTrace(instance, window, cover, added, sigma.copy()))
