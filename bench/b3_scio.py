@@ -1,8 +1,8 @@
 r"""B3: the SCIO rescoring pass: pairs/s and its share of training wall time (tiny config).
 
-The pass is the trainer's (`klip.scio.rescore.run_pass` with `ModelScorer` over the train
-state, on the prepared corpus `synthetic/n4000_s64_c2_seed0`, records read and tokenized on the
-host): `scio.slice_size` pairs (64) in chunks of `scio.batch_size`, each pair scored with its
+The pass is the trainer's (`klip.scio.rescore.run_pass` with `ModelScorer`, the
+`klip.inference` harness over the train state, on the prepared corpus
+`synthetic/n4000_s64_c2_seed0`, records read and tokenized on the host): `scio.slice_size` pairs (64) in chunks of `scio.batch_size`, each pair scored with its
 full caption and its 8 leave-one-clause-out variants. Measured, interleaved with the tiny train
 step:
 
@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
   log = common.log
   from klip import train  # pylint: disable=g-import-not-at-top
   from klip.data import pipeline  # pylint: disable=g-import-not-at-top
+  from klip import inference  # pylint: disable=g-import-not-at-top
   from klip.scio import rescore  # pylint: disable=g-import-not-at-top
   from klip.scio import table as table_lib  # pylint: disable=g-import-not-at-top
 
@@ -84,8 +85,11 @@ def main(argv=None) -> dict:
   ps = common.ProjectStep(config)
   ps.compile()
   ps.run(2)
-  scorer = rescore.ModelScorer(ps.graphdef, ps.shardings, ps.mesh, ps.rules, tok,
-                               max_span=s.max_span)
+  harness = inference.Inference(ps.graphdef, ps.shardings, ps.mesh, ps.rules,
+                                model_of=lambda merged: merged.model,
+                                compiler_options=inference.scoring_options(ps.mesh))
+  # the train state of the latest step (ps.run donates the old one)
+  scorer = lambda: rescore.ModelScorer(harness, ps.state, max_span=s.max_span)
   preprocess = pipeline.Preprocess(
       tokenizer_path=tok.path, image_size=config.model.image_size,
       channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,
@@ -112,8 +116,8 @@ def main(argv=None) -> dict:
   counters = {}
 
   def one_pass(stage):
-    score = Timed(lambda im, tx: scorer.score(ps.state, im, tx))
-    fill = Timed(lambda *a: scorer.fill(ps.state, *a))
+    score = Timed(scorer().score)
+    fill = Timed(scorer().fill)
     t = time.perf_counter()
     with ps._ctx():  # pylint: disable=protected-access
       _, result = rescore.run_pass(table, source, preprocess, tok, score, fill, stage=stage,
@@ -127,12 +131,12 @@ def main(argv=None) -> dict:
   def forced_fill():
     t = time.perf_counter()
     with ps._ctx():  # pylint: disable=protected-access
-      scorer.fill(ps.state, images, ids, clause, k_all)
+      scorer().fill(images, ids, clause, k_all)
     return len(rows) / (time.perf_counter() - t)
 
   with ps._ctx():  # pylint: disable=protected-access
-    scores_fn = scorer._scores  # pylint: disable=protected-access
-    compiled = scores_fn.lower(ps.state, images, texts).compile()
+    compiled = harness.jitted(inference.variant_scores, 4, 3).lower(
+        ps.state, images, texts).compile()
   xla = flops_lib.compiled_flops(compiled)
   analytic = flops_lib.scio_scores(config.model, len(rows), texts.shape[1]).forward_total
   log(f"scoring chunk of {len(rows)} pairs x {texts.shape[1]} texts: matmul GFLOP XLA "

@@ -1,8 +1,8 @@
 r"""B4: evaluation throughput: image and text embeddings/s, Flax vs open_clip, and retrieval.
 
 Inference at B1's shapes (ViT-Ti/16 or ViT-S/16 at 224 px, 12 x 512 text, 64 tokens, f32):
-`klip.predict.embed_images` / `embed_texts` (what SCIO and the evaluators call) jitted on the
-project's model, against open_clip's `encode_image` / `encode_text` in eval mode under
+`klip.predict.embed_images` / `embed_texts` (what SCIO and the evaluators call) jitted by
+the evaluators' harness (`klip.inference`) on the project's model, against open_clip's `encode_image` / `encode_text` in eval mode under
 `torch.inference_mode()` (its fused attention fast path included), interleaved with the f32
 matmul calibration.
 
@@ -38,22 +38,31 @@ def _host_top_k(similarity: np.ndarray, k: int) -> np.ndarray:
   return top_k(similarity, k)
 
 
+def _image_embedding(model, images):
+  from klip import predict  # pylint: disable=g-import-not-at-top
+  return predict.embed_images(model, images)[0]
+
+
 class Embedder:
-  """Jitted predict.embed_images / embed_texts of a freshly initialised project model."""
+  """predict.embed_images / embed_texts of a freshly initialised project model, jitted by the
+  evaluators' harness (`klip.inference`) on one device."""
 
   def __init__(self, config, batch: dict):
+    from klip import inference  # pylint: disable=g-import-not-at-top
     from klip import predict  # pylint: disable=g-import-not-at-top
+    from klip import sharding  # pylint: disable=g-import-not-at-top
     from klip.model import two_tower  # pylint: disable=g-import-not-at-top
     with nnx.use_eager_sharding(False):
       model = two_tower.Model(config.model, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    self.state = state
+    mesh = sharding.make_mesh(dict(slice=1, data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    shardings = sharding.state_shardings(state, mesh, config.sharding_rules)
+    self.state = jax.device_put(state, shardings)
+    harness = inference.Inference(graphdef, shardings, mesh, config.sharding_rules)
     self.images = jnp.asarray(batch["image"])
     self.tokens = jnp.asarray(batch["tokens"])
-    image_fn = jax.jit(lambda st, x: predict.embed_images(nnx.merge(graphdef, st), x)[0])
-    text_fn = jax.jit(lambda st, t: predict.embed_texts(nnx.merge(graphdef, st), t))
-    self.image = image_fn.lower(state, self.images).compile()
-    self.text = text_fn.lower(state, self.tokens).compile()
+    self.image = harness.jitted(_image_embedding, 4).lower(self.state, self.images).compile()
+    self.text = harness.jitted(predict.embed_texts, 2).lower(self.state, self.tokens).compile()
     self.image(self.state, self.images).block_until_ready()
     self.text(self.state, self.tokens).block_until_ready()
 

@@ -162,7 +162,7 @@ def embed_texts(m, batch: int, length: int | None = None) -> Count:
 def scio_scores(m, pairs: int, variants: int, length: int | None = None) -> Count:
   """One SCIO scoring chunk: images once, `variants` texts per image through the contrastive
   text tower, then its fusion blocks again with cross-attention, the ITM head
-  (klip.scio.rescore.ModelScorer.score)."""
+  (klip.inference.variant_scores)."""
   length = length or m.text.max_len
   c = embed_images(m, pairs)
   rows = pairs * variants

@@ -7,18 +7,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from evals import retrieval as retrieval_lib
+from evals.predictor import Predictor
 from klip import checkpoint as checkpoint_lib
-from klip import predict
+from klip import sharding
 from klip.data import chip as chip_lib
 from klip.data import dataset as dataset_lib
-from klip.data import pipeline
 from klip.data import schema
-from klip.data import tokenizer as tokenizer_lib
-from klip.model import two_tower
 from klip.scio import table as table_lib
 
 
@@ -88,41 +85,32 @@ def screening(final: table_lib.PairTable, initial: table_lib.PairTable, texts, p
   return counts
 
 
-def _final_model(config, workdir: str):
-  """The run's final model and its evaluation-time preprocessing."""
-  with nnx.use_eager_sharding(False):
-    model = two_tower.Model(config.model, rngs=nnx.Rngs(0))
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, checkpoint_lib.read_params(workdir))
-  nnx.update(model, state)
-  m = config.model
-  prep = pipeline.Preprocess(tokenizer_path=os.path.join(workdir, "tokenizer.model"),
-                             image_size=m.image_size, channels=m.channels,
-                             max_len=m.text.max_len, db_min=config.data.db_min,
-                             db_max=config.data.db_max, train=False)
-  return model, prep
+def _final_predictor(workdir: str) -> Predictor:
+  """The run's final model on this process's devices, through the evaluators' harness."""
+  step = checkpoint_lib.complete_steps(os.path.join(workdir, "checkpoints"))[-1]
+  return Predictor.restore(workdir, step, mesh=sharding.make_mesh(dict(slice=1, data=-1,
+                                                                         fsdp=1, tensor=1)),
+                           batch_size=64)
+
+
+def _records(data_dir: str, dataset: str, split: str) -> list:
+  source = dataset_lib.source(data_dir, dataset, split)
+  return [source[i] for i in range(len(source))]
 
 
 def retrieval(config, workdir: str, data_dir: str) -> dict[str, float]:
-  """Image->text and text->image recall@1/5 of a run's final model on the test split."""
-  model, prep = _final_model(config, workdir)
-  source = dataset_lib.source(data_dir, config.data.dataset, "test")
-  embed = nnx.jit(lambda mdl, im, tok: (predict.embed_images(mdl, im)[0],
-                                        predict.embed_texts(mdl, tok)))
-  zi, zt = [], []
-  examples = [prep.random_map((i, source[i]), None) for i in range(len(source))]
-  for lo in range(0, len(examples), 64):
-    chunk = examples[lo:lo + 64]
-    a, b = embed(model, jnp.asarray(np.stack([e["image"] for e in chunk])),
-                 jnp.asarray(np.stack([e["tokens"] for e in chunk])))
-    zi.append(np.asarray(a))
-    zt.append(np.asarray(b))
-  sim = np.concatenate(zi) @ np.concatenate(zt).T
+  """Image->text and text->image recall@1/5 of a run's final model on the test split, ranked
+  as the retrieval evaluator ranks (`evals.retrieval.ranks`: ties count against the query)."""
+  pred = _final_predictor(workdir)
+  records = _records(data_dir, config.data.dataset, "test")
+  tokens = np.stack([pred.tokenizer.encode_caption(schema.structured_text(r), pred.max_len)[0]
+                     for r in records])
+  sim = pred.encode_images(pred.images(records)).embedding @ pred.embed_texts(tokens).T
   out = {}
   for name, s in (("i2t", sim), ("t2i", sim.T)):
-    rank = np.sum(s > np.diag(s)[:, None], axis=1)
+    query_ranks = retrieval_lib.ranks(s)
     for k in (1, 5):
-      out[f"{name}_R@{k}"] = float(np.mean(rank < k))
+      out[f"{name}_R@{k}"] = float(np.mean(retrieval_lib.recall_at_k(query_ranks, k)))
   return out
 
 
@@ -137,28 +125,21 @@ def discrimination(config, workdir: str, data_dir: str, texts, initial: table_li
   on the training split this pairwise accuracy (0.5: chance) bounds what any screening rule on
   them can find; on the test split, whose captions the model never trained on, it says what
   the model sees in the pixels."""
-  model, prep = _final_model(config, workdir)
-  source = dataset_lib.source(data_dir, config.data.dataset, split or config.data.split)
-  tokenizer = tokenizer_lib.Tokenizer(os.path.join(workdir, "tokenizer.model"))
+  pred = _final_predictor(workdir)
+  records = _records(data_dir, config.data.dataset, split or config.data.split)
   keys = sorted(planted)
   rng = np.random.default_rng(seed)
   keys = [keys[j] for j in sorted(rng.permutation(len(keys))[:limit])]
-  def pair_scores(mdl, images, texts):  # texts: the true captions, then the planted ones
-    both = lambda x: jnp.concatenate([x, x])
-    zimg, image_tokens = predict.embed_images(mdl, images)
-    return tuple(predict.score(mdl, both(zimg), both(image_tokens), texts))
-
-  scores = nnx.jit(pair_scores)
   out = {}
   for lo in range(0, len(keys), 32):
     chunk = keys[lo:lo + 32]
-    images = np.stack([prep.random_map((i, source[i]), None)["image"] for i, _ in chunk])
-    true = [tokenizer.encode_caption(texts[i], prep.max_len)[0] for i, _ in chunk]
-    wrong = [tokenizer.encode_caption(
-        table_lib.rewritten(texts[i], {k: initial.rewrites[i][k]}), prep.max_len)[0]
+    images = pred.images([records[i] for i, _ in chunk])
+    true = [pred.tokenizer.encode_caption(texts[i], pred.max_len)[0] for i, _ in chunk]
+    wrong = [pred.tokenizer.encode_caption(
+        table_lib.rewritten(texts[i], {k: initial.rewrites[i][k]}), pred.max_len)[0]
              for i, k in chunk]
-    cosine, match = (np.asarray(x).reshape(2, -1) for x in scores(
-        model, jnp.asarray(images), jnp.asarray(np.stack(true + wrong))))
+    cosine, match = (x.reshape(2, -1) for x in pred.pair_scores(
+        np.concatenate([images, images]), np.stack(true + wrong)))
     higher = np.stack([cosine[0] > cosine[1], match[0] > match[1]], axis=1)
     for (i, k), row in zip(chunk, higher):
       out.setdefault(texts[i].field_names[k], []).append(row)

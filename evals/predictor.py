@@ -1,7 +1,9 @@
 """A restored KLIP model and its named predictions, batched, for the evaluators.
 
-Every prediction goes through `klip.predict` (the same functions the SCIO pass calls), jitted
-once per shape; inputs and outputs are host numpy arrays. The model config, data
+Every prediction goes through `klip.inference` (the harness the SCIO pass uses, over the same
+`klip.predict` functions), jitted once per shape; inputs and outputs are host numpy arrays.
+With several processes each computes its share of every batch and all get every output, so
+the evaluators run the same on each (process 0 writes). The model config, data
 normalisation and tokenizer come from the training workdir (`config.json`,
 `tokenizer.model`), so an eval config names only tasks and data. The model is laid out on the
 eval job's own mesh (any device count): parameters by the run's logical rules, batches over
@@ -18,12 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from klip import checkpoint as checkpoint_lib
+from klip import inference as inference_lib
 from klip import predict
 from klip import sharding
 from klip.data import pipeline
@@ -60,6 +62,12 @@ class Predictor:
   step: int
   batch_size: int = 64
   _features: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    predict.check_vocab(self.model, self.tokenizer)
+    graphdef, self._state = nnx.split(self.model)
+    self.inference = inference_lib.Inference(
+        graphdef, jax.tree.map(lambda x: x.sharding, self._state), self.mesh, self.rules)
 
   @classmethod
   def restore(cls, workdir: str, step: int, *, mesh: jax.sharding.Mesh,
@@ -113,29 +121,28 @@ class Predictor:
 
   # ----- batched, jitted predictions ----------------------------------------------------------
   def _batched(self, fn: Callable, *arrays: np.ndarray):
-    """Applies jitted fn(model, *batch) over the leading axis in batches (the last one padded
-    to a full batch so each shape compiles once); returns host arrays without the padding."""
+    """fn(model, *batch) over the leading axis in batches (the last one padded to a full batch
+    so each shape compiles once); returns host arrays without the padding."""
     n = arrays[0].shape[0]
-    b = self.batch_size
     outs = []
-    with jax.set_mesh(self.mesh):
-      for start in range(0, n, b):
-        chunk = [a[start:start + b] for a in arrays]
-        m = chunk[0].shape[0]
-        chunk = [np.concatenate([c, np.repeat(c[-1:], b - m, axis=0)]) if m < b else c
-                 for c in chunk]
-        out = fn(self.model, *(self._put(c) for c in chunk))
-        outs.append(jax.tree.map(lambda x, m=m: np.asarray(x)[:m], out))
+    for start in range(0, n, self.batch_size):
+      chunk, m = self._chunk(arrays, start)
+      out = self.inference(fn, self._state, *chunk, all_rows=True)
+      outs.append(jax.tree.map(lambda x, m=m: x[:m], out))
     if not outs:
       raise ValueError("no inputs to predict on")
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
-  def _put(self, x: np.ndarray) -> jax.Array:
-    return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.ndim))
+  def _chunk(self, arrays, start: int):
+    """(the batch of `arrays` from `start`, padded by repeating its last row; real rows)."""
+    chunk = [a[start:start + self.batch_size] for a in arrays]
+    m = chunk[0].shape[0]
+    pad = lambda c: np.concatenate([c, np.repeat(c[-1:], self.batch_size - m, axis=0)])
+    return [pad(c) if m < self.batch_size else c for c in chunk], m
 
   def encode_images(self, images: np.ndarray) -> ImageFeatures:
     """Embedding, pooled CLS and patch features of model inputs [N, S, S, C]."""
-    emb, pooled, patches = self._batched(_encode_images, images)
+    emb, pooled, patches = self._batched(inference_lib.features, images)
     g = self.patch_grid
     return ImageFeatures(emb, pooled, patches.reshape(patches.shape[0], g, g, -1))
 
@@ -156,18 +163,18 @@ class Predictor:
 
   def image_tokens(self, images: np.ndarray) -> np.ndarray:
     """ViT tokens [N, 1 + P, W] (the image side of matching and generation)."""
-    return self._batched(_image_tokens, images)
+    return self._batched(inference_lib.image_tokens, images)
 
   def embed_texts(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """Unit text embeddings [N, E] of free texts or of tokens [N, L]."""
     tokens = texts if isinstance(texts, np.ndarray) else self.tokens(texts)
-    return self._batched(_embed_texts, tokens)
+    return self._batched(predict.embed_texts, tokens)
 
   def match_prob(self, image_tokens: np.ndarray, texts: Sequence[str] | np.ndarray
                  ) -> np.ndarray:
     """ITM probability [P] that text p describes the image of image_tokens[p]."""
     tokens = texts if isinstance(texts, np.ndarray) else self.tokens(texts)
-    return self._batched(_match_prob, image_tokens, tokens)
+    return self._batched(predict.match_prob, image_tokens, tokens)
 
   def text_logprob(self, image_tokens: np.ndarray, texts: Sequence[str] | np.ndarray
                    ) -> np.ndarray:
@@ -175,7 +182,12 @@ class Predictor:
     text-tower tokens [P, L] whose [ENC] is replaced by [DEC])."""
     tokens = np.array(texts if isinstance(texts, np.ndarray) else self.tokens(texts))
     tokens[:, 0] = tokenizer_lib.DEC
-    return self._batched(_text_logprob, image_tokens, tokens)
+    return self._batched(predict.text_logprob, image_tokens, tokens)
+
+  def pair_scores(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine, match probability) [N] of image n with text-tower tokens [N, L] row n, scored
+    as the SCIO pass scores (`predict.score`)."""
+    return self._batched(inference_lib.pair_scores, images, tokens)
 
   def logit_scale(self) -> float:
     """The learned contrastive temperature scale (multiplies cosine similarities)."""
@@ -185,35 +197,10 @@ class Predictor:
               beam_size: int = 1) -> list[str]:
     """One generated `family` caption per image (template prefixes forced, values decoded)."""
     out = []
-    with jax.set_mesh(self.mesh):
-      for start in range(0, image_tokens.shape[0], self.batch_size):
-        chunk = jnp.asarray(image_tokens[start:start + self.batch_size])
-        out.extend(predict.caption(self.model, self.tokenizer, chunk, family,
-                                   max_span=max_span, beam_size=beam_size))
+    for start in range(0, image_tokens.shape[0], self.batch_size):
+      (chunk,), m = self._chunk((image_tokens,), start)
+      generate = self.inference.generator(self._state, chunk, max_new=max_span,
+                                          beam_size=beam_size, all_rows=True)
+      out.extend(predict.caption(generate, self.tokenizer, len(chunk), self.max_len,
+                                 family)[:m])
     return out
-
-
-@nnx.jit
-def _encode_images(model, images):
-  zimg, tokens = predict.embed_images(model, images)
-  return zimg, tokens[:, 0].astype(jnp.float32), tokens[:, 1:].astype(jnp.float32)
-
-
-@nnx.jit
-def _image_tokens(model, images):
-  return predict.embed_images(model, images)[1]
-
-
-@nnx.jit
-def _embed_texts(model, tokens):
-  return predict.embed_texts(model, tokens)
-
-
-@nnx.jit
-def _text_logprob(model, image_tokens, tokens):
-  return predict.text_logprob(model, image_tokens, tokens)
-
-
-@nnx.jit
-def _match_prob(model, image_tokens, tokens):
-  return predict.match_prob(model, image_tokens, tokens)

@@ -132,6 +132,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return p
 
 
+def wait_for_all(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process reaches the barrier `name` (up to `timeout_s`): a barrier of
+  the coordination service, not a device collective, so it outlasts work far longer than the
+  collectives' own deadline (gloo's is 30 s), such as process 0 building a corpus."""
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost  # pylint: disable=g-import-not-at-top
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 def check_layout(mesh_config, num_devices: int, num_processes: int) -> dict[str, int]:
   """The mesh axis sizes, after checking that every process holds whole batch shards.
 

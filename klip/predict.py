@@ -1,15 +1,17 @@
 """The named predictions of a KLIP model: one definition of each score and of generation.
 
 The SCIO rescoring pass and the evaluators both call these. The functions of (model, arrays)
-are pure and jittable (wrap them in `nnx.jit`); the image side (`embed_images`) is computed
-once per image and its outputs are passed to the text-side functions. `fill_span` and
-`caption` are host-side helpers (numpy in and out) around the jitted `continue_text`.
+are pure and jittable (`klip.inference` jits and shards them); the image side (`embed_images`)
+is computed once per image and its outputs are passed to the text-side functions. `fill_span`
+and `caption` are host-side helpers (numpy in and out) around a `Generate`, the jitted
+`continue_text` of a batch of images.
 
 Generation never emits [PAD], [ENC], [DEC] or [MASK] (their log-probabilities are -inf).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -23,6 +25,10 @@ from klip.data.tokenizer import DEC, ENC, MASK, PAD, SEP, TEMPLATE
 from klip.model.two_tower import POSITIVE, Model
 
 BANNED = (PAD, ENC, DEC, MASK)
+
+# (prompt [B, L], prompt_len [B]) -> generated tokens [B, max_new]: `continue_text` of a fixed
+# batch of images, up to [SEP] (host numpy in and out).
+Generate = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class Scores(NamedTuple):
@@ -159,10 +165,8 @@ def continue_text(model: Model, image_tokens: jax.Array, prompt: jax.Array,
   return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]
 
 
-_continue_text = nnx.jit(continue_text, static_argnames=("max_new", "stop", "beam_size"))
-
-
-def _check_vocab(model: Model, tokenizer) -> None:
+def check_vocab(model: Model, tokenizer) -> None:
+  """Raises ValueError if the tokenizer has more pieces than the model's vocabulary."""
   if tokenizer.vocab_size > model.text.embed.num_embeddings:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
                      f"is {model.text.embed.num_embeddings}")
@@ -174,19 +178,18 @@ def _value(generated: np.ndarray) -> np.ndarray:
   return generated[:end[0]] if end.size else generated
 
 
-def fill_span(model: Model, tokenizer, image_tokens: jax.Array, ids: np.ndarray,
-              clause: np.ndarray, k: np.ndarray, *, max_span: int,
-              beam_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def fill_span(generate: Generate, ids: np.ndarray, clause: np.ndarray,
+              k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Re-generates the value span of clause k[b] of each caption row b.
 
   ids, clause [B, L] as from `tokenizer.encode_caption`; k [B] (-1: row unchanged). The
-  decoder continues [DEC] + the tokens before the span, up to [SEP] or `max_span` tokens; the
+  decoder (`generate`, of the rows' images) continues [DEC] + the tokens before the span; the
   tokens from the span's end on (its [SEP] and the later clauses) are appended back and the row
   is re-padded or truncated to L. Returns (ids, clause) with the new span marked as clause
   k[b]. A row whose generated span is empty is returned unchanged. Raises ValueError if clause
-  k[b] has no value span in row b (e.g. cut off by truncation).
+  k[b] has no value span in row b (e.g. cut off by truncation). `generate` runs even when no
+  row is to be filled: in a multi-process pass every process must call it.
   """
-  _check_vocab(model, tokenizer)
   ids, clause = np.asarray(ids, np.int32), np.asarray(clause, np.int32)
   k = np.asarray(k, np.int32)
   batch, length = ids.shape
@@ -202,11 +205,7 @@ def fill_span(model: Model, tokenizer, image_tokens: jax.Array, ids: np.ndarray,
     spans[row] = (start, end)
     prompt[row, 1:start] = ids[row, 1:start]
     prompt_len[row] = start
-  if not spans:
-    return ids.copy(), clause.copy()
-  generated = np.asarray(_continue_text(model, image_tokens, jnp.asarray(prompt),
-                                        jnp.asarray(prompt_len), max_new=max_span, stop=SEP,
-                                        beam_size=beam_size))
+  generated = generate(prompt, prompt_len)
   new_ids, new_clause = ids.copy(), clause.copy()
   for row, (start, end) in spans.items():
     value = _value(generated[row])
@@ -235,17 +234,14 @@ def prefix_tokens(tokenizer, family: str) -> list[list[int]]:
   return prefixes
 
 
-def caption(model: Model, tokenizer, image_tokens: jax.Array, family: str, *, max_span: int,
-            beam_size: int = 1) -> list[str]:
-  """Writes one `family` caption per image: each field's template prefix is forced and its
-  value generated up to [SEP] (at most `max_span` tokens), clause by clause.
+def caption(generate: Generate, tokenizer, batch: int, width: int, family: str) -> list[str]:
+  """Writes one `family` caption for each of the `batch` images of `generate`: each field's
+  template prefix is forced and its value generated up to [SEP], clause by clause.
 
-  Captions are joined as `text.compose` joins them. Decoding uses a buffer of the model's
-  max_len tokens; values that no longer fit are empty.
+  Captions are joined as `text.compose` joins them. Decoding uses a buffer of `width` tokens
+  (the model's max_len); values that no longer fit are empty.
   """
-  _check_vocab(model, tokenizer)
   names = chip_lib.FAMILIES[family]
-  batch, width = image_tokens.shape[0], model.text.max_len
   buf = np.full((batch, width), PAD, np.int32)
   buf[:, 0] = DEC
   used = np.ones(batch, np.int32)
@@ -255,9 +251,7 @@ def caption(model: Model, tokenizer, image_tokens: jax.Array, family: str, *, ma
       n = min(len(prefix), width - used[row])
       buf[row, used[row]:used[row] + n] = prefix[:n]
       used[row] += n
-    generated = np.asarray(_continue_text(model, image_tokens, jnp.asarray(buf),
-                                          jnp.asarray(used), max_new=max_span, stop=SEP,
-                                          beam_size=beam_size))
+    generated = generate(buf, used)
     for row in range(batch):
       value = _value(generated[row])
       buf[row, used[row]:used[row] + value.size] = value

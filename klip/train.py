@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
 from klip import host_memory
+from klip import inference as inference_lib
 from klip import init_from
 from klip import metrics_writer
 from klip import objectives
@@ -40,7 +41,6 @@ from klip.data import negatives as negatives_lib
 from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
-from klip.scio import rescore as scio_rescore
 from klip.scio import schedule as scio_schedule
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
@@ -89,9 +89,7 @@ def _build_if_embedded(data_dir: str, name: str) -> None:
     print(f"building the embedded corpus {name} under {data_dir} (first use)", flush=True)
     prepare.prepare("synthetic", data_dir, generator=prepare.make_generator("rules", data_dir),
                     **synthetic.config_options(config_name))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("klip_corpus")
+  distributed.wait_for_all(f"klip_corpus_{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,9 +107,7 @@ def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
       rows = np.linspace(0, len(source) - 1, n).astype(int)
       captions = (schema.structured_text(source[int(i)]).caption for i in rows)
       tokenizer_lib.train(captions, path, config.model.text.vocab_size, seed=config.seed)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("klip_tokenizer")
+  distributed.wait_for_all("klip_tokenizer")
   tok = tokenizer_lib.Tokenizer(path)
   if tok.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces, more than "
@@ -205,12 +201,14 @@ def train(config, workdir: str) -> dict:
     pending = None  # (step, device metrics, host extras): read one step late
     last_metrics, timed = {}, None
     first_step = step
+    compiled_step = None
     # SCIO: the pair tables travel in the checkpoint; the pipeline reads the active one.
     scio = scio_schedule.Controller(
         config, source, tok, preprocess,
         saved=ckpt.restore_table(resumed_from) if resumed_from is not None else None)
-    scorer = (scio_rescore.ModelScorer(graphdef, shardings, mesh, rules, tok,
-                                       max_span=config.scio.max_span) if scio.enabled else None)
+    scio_inference = (inference_lib.Inference(
+        graphdef, shardings, mesh, rules, model_of=lambda merged: merged.model,
+        compiler_options=inference_lib.scoring_options(mesh)) if scio.enabled else None)
 
     def open_batches():
       return pipeline.local_batches(
@@ -257,7 +255,14 @@ def train(config, workdir: str) -> dict:
                 "data/index_digest": zlib.crc32(np.ascontiguousarray(local["index"]).tobytes())}
       batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v)
                for k, v in local.items()}
-      state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
+      at = jnp.asarray(step, jnp.int32)
+      if compiled_step is None:
+        # Compiled ahead, then every process waits for the others: one that found the step in
+        # the persistent compilation cache would otherwise start its collectives while another
+        # still compiles, and CPU collectives (gloo) give up after 30 s.
+        compiled_step = step_fn.lower(state, batch, at).compile()
+        distributed.wait_for_all("klip_train_step_compiled")
+      state, metrics = compiled_step(state, batch, at)
       step += 1
       examples_seen += config.batch_size
       if pending is not None:
@@ -265,7 +270,7 @@ def train(config, workdir: str) -> dict:
       pending = (step, metrics, extras)
       if scio.due(step):
         result = scio.rescore(
-            scorer, state, step, examples_seen, wall_start,
+            scio_inference, state, step, examples_seen, wall_start,
             after_chunk=kill_in_pass if step == config.scio.exit_in_pass_at_step else None)
         extras.update(result)
         if is_main:

@@ -251,6 +251,49 @@ def test_one_process_checkpoint_resumes_in_two_on_another_mesh(runs, data_dir):
   _assert_close(resumed["model"], ref["model"], rtol=1e-4)
 
 
+def _table(workdir, step):
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
+  table = ckpt.restore_table(step)
+  ckpt.close()
+  return table
+
+
+@pytest.mark.slow
+def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
+  """SCIO on (passes at steps 6 and 9: proofread, then reconstruct with the value pool's
+  candidates): 2 processes x 2 devices rescore their shares of each chunk and reach the same
+  pair tables and parameters as 1 process x 4 devices."""
+  scio = ("--config.scio.enabled=True", "--config.scio.every_steps=3",
+          "--config.scio.fill_candidates=4")
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _one_process(one, data_dir, *scio)
+  os.makedirs(two)
+  shutil.copy(os.path.join(one, "tokenizer.model"), two)
+  logs = _two_processes(two, data_dir, str(tmp_path / "logs"), *scio)
+  assert "SCIO pass at step 9 (stage 2" in logs[0] and "SCIO pass" not in logs[1]
+  rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
+  passes = [r for r in rows if "scio/pass_seconds" in r]
+  assert [r["step"] for r in passes] == [6, 9]
+  assert all(r["scio/rescored"] == 64 and r["scio/skipped_malformed"] == 0 for r in passes)
+  want, got = _table(one, 10), _table(two, 10)
+  for name in ("active", "pending"):
+    a, b = want[name], got[name]
+    if a is None:
+      assert b is None
+      continue
+    assert a["version"] == b["version"] and a["dropped"] == b["dropped"]
+    assert a["rewrites"] == b["rewrites"] and a["scored_version"] == b["scored_version"]
+    scores = lambda t: np.array([t["scores"][c] for c in sorted(t["scores"])])
+    np.testing.assert_allclose(scores(b), scores(a), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b["weight"], a["weight"], rtol=1e-4, atol=1e-5)
+  assert want["pending"] is not None or want["active"]["version"] >= 1
+  np.testing.assert_allclose([r["loss"] for r in rows],
+                             list(_losses(one).values()), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(checkpoint_lib.read_params(two)),
+                  jax.tree.leaves(checkpoint_lib.read_params(one))):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_a_missing_worker_fails_fast_with_a_message(tmp_path, data_dir):
   # Process 0 of 2 starts alone: it gives up after the join timeout instead of hanging.

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from klip import inference
 from klip import predict
+from klip import sharding
 from klip.data import chip as chip_lib
 from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
@@ -18,6 +20,7 @@ WORDS = ("three ships", "a large aircraft", "bright corner reflectors", "small",
          "clustered", "the north-east harbour", "open water", "coastal plain", "port",
          "a regular grid", "sharp", "dense low-rise", "a ring road", "a wide river")
 MAX_LEN = 128
+RULES = (("batch", ("slice", "data", "fsdp")),)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,20 @@ def sequence_score(model, image_tokens, prompt, prompt_len, generated):
                      for row in range(buf.shape[0])])
 
 
+def single_device(model) -> inference.Inference:
+  """The prediction harness of `model` on a one-device mesh."""
+  mesh = sharding.make_mesh(dict(slice=1, data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  state = nnx.state(model)
+  return inference.Inference(nnx.graphdef(model), jax.tree.map(lambda x: x.sharding, state),
+                             mesh, RULES)
+
+
+def eager_generate(model, image_tokens, *, max_new, beam_size=1) -> predict.Generate:
+  return lambda prompt, prompt_len: np.asarray(predict.continue_text(
+      model, image_tokens, jnp.asarray(prompt), jnp.asarray(prompt_len), max_new=max_new,
+      beam_size=beam_size))
+
+
 def prompts(width=12):
   prompt = np.zeros((3, width), np.int32)
   prompt[:, 0] = DEC
@@ -143,7 +160,8 @@ def test_greedy_matches_stepwise_argmax(model, images):
   want = reference_greedy(model, image_tokens, prompt, prompt_len, 5, SEP)
   np.testing.assert_array_equal(got, want)
   assert np.all(np.asarray(got)[2, 2:] == PAD)  # row 2 reaches the end of its buffer
-  jitted = predict._continue_text(model, image_tokens, prompt, prompt_len, max_new=5)
+  jitted = single_device(model).generator(nnx.state(model), np.asarray(image_tokens),
+                                         max_new=5)(np.asarray(prompt), np.asarray(prompt_len))
   np.testing.assert_array_equal(jitted, got)
 
 
@@ -201,7 +219,8 @@ def test_fill_span_keeps_everything_outside_the_span(model, images, tok):
   image_tokens = model.encode_image(images)
   ids, clause = captions(tok)
   k = np.asarray([2, -1, 7], np.int32)
-  new_ids, new_clause = predict.fill_span(model, tok, image_tokens, ids, clause, k, max_span=3)
+  generate = eager_generate(model, image_tokens, max_new=3)
+  new_ids, new_clause = predict.fill_span(generate, ids, clause, k)
   np.testing.assert_array_equal(new_ids[1], ids[1])
   np.testing.assert_array_equal(new_clause[1], clause[1])
   for row in (0, 2):
@@ -220,7 +239,7 @@ def test_fill_span_keeps_everything_outside_the_span(model, images, tok):
     assert sorted(set(new_clause[row][other])) == [c for c in range(8) if c != k[row]]
   truncated_clause = np.where(clause == 7, -1, clause)
   with pytest.raises(ValueError, match="clause 7 has no contiguous value span"):
-    predict.fill_span(model, tok, image_tokens, ids, truncated_clause, k, max_span=3)
+    predict.fill_span(generate, ids, truncated_clause, k)
 
 
 @pytest.mark.parametrize("family", ["target", "landform"])
@@ -231,7 +250,8 @@ def test_caption_forces_every_prefix(model, images, tok, family):
   assert len(prefixes) == 8 and prefixes[0][0] != SEP
   assert all(p[0] == SEP for p in prefixes[1:])
   assert [tok.decode(p) for p in prefixes] == [text_lib.PREFIXES[n].strip() for n in names]
-  out = predict.caption(model, tok, image_tokens, family, max_span=2, beam_size=2)
+  out = predict.caption(eager_generate(model, image_tokens, max_new=2, beam_size=2), tok, 3,
+                        MAX_LEN, family)
   assert len(out) == 3
   for text in out:
     clauses = text.split(text_lib.SEPARATOR)

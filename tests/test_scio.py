@@ -1,6 +1,5 @@
 """SCIO: the pair table, its join in the pipeline, the rescoring pass and the trainer's use."""
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -12,10 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from flax.core import spmd as core_spmd
 
 from conftest import smoke_config
 from klip import checkpoint as checkpoint_lib
+from klip import inference
 from klip import metrics_writer
 from klip import sharding
 from klip import train_state
@@ -76,6 +75,33 @@ def test_encode_caption_skip_leaves_out_exactly_one_clause(source, tok, k):
   assert np.sum(ids_k == tokenizer_lib.SEP) == 6 and ids_k[0] == tokenizer_lib.ENC
   with pytest.raises(ValueError, match="cannot leave out clause 8"):
     tok.encode_caption(st, 160, skip=8)
+
+
+@pytest.mark.parametrize("max_len", [1000, 90, 40])
+def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok, max_len):
+  st = schema.structured_text(source[3])
+  ids, clause, texts = rescore.caption_texts(tok, st, max_len)
+  np.testing.assert_array_equal(texts[0], ids)
+  used = int(np.sum(ids != tokenizer_lib.PAD))
+  for k in range(8):
+    variant = texts[k + 1]
+    if not np.any(clause == k):  # cut off entirely: cannot be judged
+      np.testing.assert_array_equal(variant, ids)
+      continue
+    if max_len == 1000:  # nothing cut: the caption encoded without clause k
+      np.testing.assert_array_equal(variant, tok.encode_caption(st, max_len, skip=k)[0])
+    # the full caption's own tokens less clause k's: no clause comes back from truncation
+    kept = variant[variant != tokenizer_lib.PAD]
+    gone = np.sum(clause == k)
+    assert kept.size <= used - gone
+    it = iter(ids[:used].tolist())
+    assert all(t in it for t in kept.tolist())  # a subsequence of the full caption's tokens
+  if max_len == 40:  # the case of interest: clauses cut off
+    assert not np.all(np.isin(range(8), clause))
+    # encoded afresh without clause k, the caption brings a cut-off clause back
+    back = [k for k in range(8) if np.any(clause == k) and
+            set(tok.encode_caption(st, max_len, skip=k)[1].tolist()) - set(clause.tolist())]
+    assert back
 
 
 # ----- table -------------------------------------------------------------------------------------
@@ -284,6 +310,21 @@ def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
     assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
 
 
+def test_a_malformed_caption_is_skipped_and_counted_not_the_end_of_the_pass(
+    source, tok, data_dir):
+  prep, values, plants, table, oracle, cfg = _planted_oracle(source, tok, data_dir)
+  bad = next(i for i in range(64) if i not in plants)
+  table.rewrites[bad] = {2: " "}  # an empty value span: the caption cannot be judged
+  new, result = rescore.run_pass(table, source, prep, tok, oracle.score, oracle.fill,
+                                 stage=rescore.Stage.PROOFREAD, cfg=cfg, max_len=1000)
+  assert result.malformed == 1 and result.unreadable == 0
+  assert result.metrics()["scio/skipped_malformed"] == 1.0
+  assert bad not in result.rows and len(result.rows) == 63
+  assert new.scored_version[bad] == -1 and new.dropped[bad] == -1
+  found = {int(i): int(k) for i, k in zip(result.rows, result.flagged) if k >= 0}
+  assert found == {i: k for i, (k, _) in plants.items()}  # the other pairs as before
+
+
 def test_value_pool_ranks_by_frequency_without_the_own_value():
   sts = [text_lib.compose("target", ("2", "ships", "small", "the centre", "clustered", "sea",
                                      v, "land")) for v in ("b", "a", "a", "c", "b", "a")]
@@ -314,39 +355,40 @@ def test_reconstruct_candidates_from_the_value_pool(source, tok, data_dir, n_val
 
 
 # ----- the real model: sharded pass equals unsharded ---------------------------------------------
-@contextlib.contextmanager
 def _scorer_on_mesh(config, tok, dims, devices):
-  """(ModelScorer, train state) of a fresh model on a mesh, inside the mesh's context."""
+  """(ModelScorer, train state) of a fresh model on a mesh (no mesh context needed)."""
   mesh = sharding.make_mesh(dict(slice=1, **dims), devices)
   rules = config.sharding_rules
   graphdef, state, shardings = train_state.create(config, mesh, rules)
-  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
-    yield rescore.ModelScorer(graphdef, shardings, mesh, rules, tok, max_span=4), state
+  harness = inference.Inference(graphdef, shardings, mesh, rules, model_of=lambda m: m.model,
+                                compiler_options=inference.scoring_options(mesh))
+  return rescore.ModelScorer(harness, state, max_span=4), state
 
 
 def _pass_on_mesh(config, source, tok, dims, devices):
-  with _scorer_on_mesh(config, tok, dims, devices) as (scorer, state):
-    images = np.random.default_rng(0).normal(size=(16, 32, 32, 2)).astype(np.float32)
-    _, _, texts = rescore.caption_texts(tok, schema.structured_text(source[0]), 64)
-    cosine, match = scorer.score(state, images, np.repeat(texts[None], 16, axis=0))
-    table, result = rescore.run_pass(
-        table_lib.PairTable.initial("d", table_lib.read_ids(source)), source,
-        _preprocess(tok, config), tok, lambda i, t: scorer.score(state, i, t), None,
-        stage=rescore.Stage.PROOFREAD, cfg=config.scio, max_len=64)
+  scorer, _ = _scorer_on_mesh(config, tok, dims, devices)
+  images = np.random.default_rng(0).normal(size=(16, 32, 32, 2)).astype(np.float32)
+  _, _, texts = rescore.caption_texts(tok, schema.structured_text(source[0]), 64)
+  cosine, match = scorer.score(images, np.repeat(texts[None], 16, axis=0))
+  table, result = rescore.run_pass(
+      table_lib.PairTable.initial("d", table_lib.read_ids(source)), source,
+      _preprocess(tok, config), tok, scorer.score, None,
+      stage=rescore.Stage.PROOFREAD, cfg=config.scio, max_len=64)
   return cosine, match, table, result
 
 
 def test_scorer_compiles_without_ynnpack_fusions_on_cpu(tok, data_dir):
-  """The scorer's jits take `CPU_INFERENCE_OPTIONS` (bench/README.md: a scoring chunk 1.34 s
-  instead of 1.64 s); the same function jitted plainly gets YNNPACK fusions."""
+  """The pass's jits take `scoring_options` (bench/README.md: a scoring chunk 1.34 s instead of
+  1.64 s); the same function jitted plainly gets YNNPACK fusions."""
   images = np.zeros((4, 32, 32, 2), np.float32)
   texts = np.ones((4, 9, 64), np.int32)
-  with _scorer_on_mesh(smoke_config(data_dir), tok, dict(data=1, fsdp=1, tensor=1),
-                       jax.devices()[:1]) as (scorer, state):
-    ynn = lambda f: f.lower(state, images, texts).compile().as_text().count("__ynn_fusion")
-    assert ynn(jax.jit(scorer._scores.__wrapped__)) > 0  # pylint: disable=protected-access
-    assert ynn(scorer._scores) == 0  # pylint: disable=protected-access
-    assert ynn(scorer._logprobs) == 0  # pylint: disable=protected-access
+  scorer, state = _scorer_on_mesh(smoke_config(data_dir), tok, dict(data=1, fsdp=1, tensor=1),
+                                  jax.devices()[:1])
+  ynn = lambda f: f.lower(state, images, texts).compile().as_text().count("__ynn_fusion")
+  scores = scorer.inference.jitted(inference.variant_scores, 4, 3)
+  assert ynn(jax.jit(scores.__wrapped__)) > 0
+  assert ynn(scores) == 0
+  assert ynn(scorer.inference.jitted(inference.variant_logprobs, 4, 3)) == 0
 
 
 def test_rescoring_pass_sharded_equals_unsharded(source, tok, data_dir):

@@ -13,7 +13,6 @@ run makes the same switch at the same step.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 
@@ -90,10 +89,11 @@ class Controller:
     return (self.enabled and step % self._cfg.every_steps == 0
             and stage_at(step, self._total_steps, self._cfg) > rescore.Stage.WARMUP)
 
-  def rescore(self, scorer: rescore.ModelScorer, state, step: int, examples_seen: int,
-              wall_start: float, after_chunk=None) -> dict[str, float]:
-    """Runs the pass of `step` on the newest table; returns its metrics (wall share: of the
-    wall time since `wall_start`, this invocation's start)."""
+  def rescore(self, inference, state, step: int, examples_seen: int, wall_start: float,
+              after_chunk=None) -> dict[str, float]:
+    """Runs the pass of `step` on the newest table with the predictions of train state
+    `state` (`inference.Inference` of the train state); returns its metrics (wall share: of
+    the wall time since `wall_start`, this invocation's start). Every process calls it."""
     base = self.pending if self.pending is not None else self.active
     stage = stage_at(step, self._total_steps, self._cfg)
     # The train steps dispatched before the pass may still be running (dispatch is
@@ -103,11 +103,11 @@ class Controller:
     if stage == rescore.Stage.RECONSTRUCT and self._cfg.get("fill_candidates", 0) and \
         self._pool is None:
       self._pool = values_lib.ValuePool.from_source(self._source)
+    scorer = rescore.ModelScorer(inference, state, max_span=self._cfg.max_span)
     table, result = rescore.run_pass(
-        base, self._source, self._preprocess, self._tokenizer,
-        functools.partial(scorer.score, state), functools.partial(scorer.fill, state),
-        stage=stage, cfg=self._cfg, max_len=self._max_len,
-        rank=functools.partial(scorer.rank, state), pool=self._pool, after_chunk=after_chunk)
+        base, self._source, self._preprocess, self._tokenizer, scorer.score, scorer.fill,
+        stage=stage, cfg=self._cfg, max_len=self._max_len, rank=scorer.rank, pool=self._pool,
+        after_chunk=after_chunk, processes=scorer.processes)
     result = dataclasses.replace(result, seconds=time.time() - start)  # the pool counted in
     if self.pending is None:  # the next epoch boundary (or this one); a newer pending table
       self.pending_from = -(-examples_seen // len(table)) * len(table)  # keeps the old one's
