@@ -1,7 +1,8 @@
 """What an evaluator shows in the report besides its numbers: figures, tables and text.
 
 Each evaluator gets its own `Artifacts`; figures are written as PNG files next to the report
-(DIR/eval/step_N/) and every item becomes Markdown in the evaluator's section, in order.
+(DIR/eval/step_N/) and every item becomes Markdown in the evaluator's section, in order. In a
+multi-process eval job only process 0 writes files (`write`); the others keep the Markdown.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 class Artifacts:
 
-  def __init__(self, directory: str, name: str):
+  def __init__(self, directory: str, name: str, *, write: bool = True):
     self.directory = directory
     self.name = name
+    self.write = write
     self.markdown: list[str] = []
-    os.makedirs(directory, exist_ok=True)
+    if write:
+      os.makedirs(directory, exist_ok=True)
 
   def figure(self, title: str, fig: plt.Figure) -> str:
     """Saves a matplotlib figure (and closes it); returns its path."""
     slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
     filename = f"{self.name}_{slug}.png"
     path = os.path.join(self.directory, filename)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    if self.write:
+      fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     self.markdown.append(f"**{title}**\n\n![{title}]({filename})")
     return path

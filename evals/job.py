@@ -1,5 +1,9 @@
 """The eval job's machinery: evaluate one checkpoint step with every evaluator, keep the
-ledger, metrics, TensorBoard events and reports. `evals/run.py` is its command line."""
+ledger, metrics, TensorBoard events and reports. `evals/run.py` is its command line.
+
+With several processes every process restores the checkpoint, runs every evaluator (the
+predictions are shared out between them, `klip.inference`) and computes the same metrics;
+process 0 alone writes, and its list of pending steps is the one all of them follow."""
 
 from __future__ import annotations
 
@@ -17,19 +21,20 @@ from evals import ledger as ledger_lib
 from evals import report as report_lib
 from evals.predictor import Predictor, run_config
 from klip import checkpoint as checkpoint_lib
+from klip import inference as inference_lib
 from klip import sharding
 from klip.data import dataset as dataset_lib
 
 
 def run_evaluators(config, predictor: Predictor, datasets: data_lib.Datasets,
-                   directory: str, only=None) -> list[report_lib.Outcome]:
+                   directory: str, only=None, write: bool = True) -> list[report_lib.Outcome]:
   """Runs each evaluator of `config.evals` on one checkpoint; never raises for one of them."""
   outcomes = []
   names = [n for n in config.evals if not only or n in only]
   for i, name in enumerate(names):
     entry = dict(config.evals[name])
     kind = entry.pop("type")
-    art = artifacts_lib.Artifacts(directory, name)
+    art = artifacts_lib.Artifacts(directory, name, write=write)
     start = time.time()
     print(f"[step {predictor.step}] ({i + 1}/{len(names)}) {name} ({kind}) ...", flush=True)
     try:
@@ -59,24 +64,36 @@ class Job:
     self.workdir = os.path.abspath(workdir)
     self.eval_dir = os.path.join(self.workdir, "eval")
     self.checkpoints = os.path.join(self.workdir, "checkpoints")
-    self.ledger = ledger_lib.Ledger(os.path.join(self.eval_dir, "ledger.json"))
+    self.processes = inference_lib.Processes()
+    self.writes = self.processes.index == 0
+    self.ledger = ledger_lib.Ledger(os.path.join(self.eval_dir, "ledger.json"),
+                                    write=self.writes)
     self.metrics_path = os.path.join(self.eval_dir, "metrics.jsonl")
     self.mesh = sharding.make_mesh(config.mesh)
     self._tb = None
     self._datasets = None
 
   def pending(self) -> list[int]:
-    return [s for s in checkpoint_lib.complete_steps(self.checkpoints) if s not in self.ledger]
+    """The finished steps not in the ledger, as process 0 sees them (a checkpoint that lands
+    between two processes' looks is not evaluated by one of them alone)."""
+    steps = [s for s in checkpoint_lib.complete_steps(self.checkpoints) if s not in self.ledger]
+    return steps if self.processes.count == 1 else self.processes.gather_json(steps)[0]
 
   def evaluate(self, step: int, only=None) -> dict | None:
     """Evaluates one step; returns its metrics row, or None if the checkpoint did not restore."""
     start = time.time()
+    predictor, error = None, ""
     try:
       predictor = Predictor.restore(self.workdir, step, mesh=self.mesh,
                                     batch_size=self.config.batch_size)
     except Exception as e:  # pylint: disable=broad-except
-      print(f"[step {step}] checkpoint did not restore ({type(e).__name__}: {e}); not marked "
-            "done, retried at the next poll", flush=True)
+      error = f"{type(e).__name__}: {e}"
+    if self.processes.count > 1:  # all go on, or none
+      errors = [e for e in self.processes.gather_json(error) if e]
+      error = error or (errors[0] if errors else "")
+    if error:
+      print(f"[step {step}] checkpoint did not restore ({error}); not marked done, retried at "
+            "the next poll", flush=True)
       return None
     train_cfg = predictor.config
     if self._datasets is None:  # records are read once and kept for the later steps
@@ -86,18 +103,22 @@ class Job:
           max_examples=self.config.max_examples)
     datasets = self._datasets
     directory = os.path.join(self.eval_dir, f"step_{step}")
-    outcomes = run_evaluators(self.config, predictor, datasets, directory, only)
+    outcomes = run_evaluators(self.config, predictor, datasets, directory, only,
+                              write=self.writes)
     row = {"step": step, "time": time.time(), "seconds": time.time() - start,
            "metrics": {f"{o.name}/{k}": v for o in outcomes for k, v in o.metrics.items()},
            "skipped": {o.name: o.detail for o in outcomes if o.status == "skipped"},
            "failed": {o.name: o.detail for o in outcomes if o.status == "failed"},
            "evaluator_seconds": {o.name: round(o.seconds, 2) for o in outcomes}}
-    report = report_lib.write_step(directory, step, outcomes, {
-        "workdir": self.workdir, "training variant": train_cfg.get("variant", "?"),
-        "devices": f"{jax.device_count()} ({jax.devices()[0].platform})",
-        "wall time": f"{row['seconds']:.0f} s"})
-    self._append(row)
-    report_lib.write_index(self.eval_dir, self.rows())
+    report = "(written by process 0)"
+    if self.writes:
+      report = report_lib.write_step(directory, step, outcomes, {
+          "workdir": self.workdir, "training variant": train_cfg.get("variant", "?"),
+          "devices": f"{jax.device_count()} ({jax.devices()[0].platform}), "
+                     f"{self.processes.count} process(es)",
+          "wall time": f"{row['seconds']:.0f} s"})
+      self._append(row)
+      report_lib.write_index(self.eval_dir, self.rows())
     if not only:
       self.ledger.mark(step, seconds=round(row["seconds"], 1), failed=sorted(row["failed"]),
                        skipped=sorted(row["skipped"]))

@@ -14,8 +14,10 @@ import time
 
 class Ledger:
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, *, write: bool = True):
+    """write: whether `mark` writes the file (in a multi-process job, process 0 alone)."""
     self.path = path
+    self.write = write
     self._done: dict[int, dict] = {}
     if os.path.exists(path):
       with open(path) as f:
@@ -31,6 +33,8 @@ class Ledger:
 
   def mark(self, step: int, **info) -> None:
     self._done[step] = dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if not self.write:
+      return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:

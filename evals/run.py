@@ -10,7 +10,9 @@ ledger (DIR/eval/ledger.json) with every evaluator of the config, and writes
 DIR/eval/metrics.jsonl (one line per step), TensorBoard events (DIR/eval/tb) and reports
 (DIR/eval/step_N/report.md, DIR/eval/report.md). Watching ends once the run's last step
 (config.json total_steps) is evaluated. It runs beside a training process on the same workdir,
-on its own device count and mesh (one process).
+on its own device count and mesh, in one process or several: it joins them with the trainer's
+flags (`--coordinator_address`, `--num_processes`, `--process_id`, `--num_cpu_devices`; SLURM
+and Cloud TPU need none, klip/distributed.py), and process 0 writes.
 
 Faults: a missing eval dataset makes that evaluator "skipped: <reason>" and the others run; an
 evaluator that raises is recorded with its traceback and the job goes on; a checkpoint that
@@ -30,6 +32,7 @@ from ml_collections import config_flags
 
 from evals.job import Job
 from klip import checkpoint as checkpoint_lib
+from klip import distributed
 from klip import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (path:variant).",
@@ -47,9 +50,11 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
-  if hint := host_memory.advice(jax.default_backend()):
-    absl_logging.warning(hint)
+  distributed.initialize_from_flags()
   config = _CONFIG.value
+  distributed.check_layout(config.mesh, jax.device_count(), jax.process_count())
+  if (hint := host_memory.advice(jax.default_backend())) and jax.process_index() == 0:
+    absl_logging.warning(hint)
   job = Job(config, _WORKDIR.value)
   print(f"evaluating {job.workdir} with {len(config.evals)} evaluators on "
         f"{jax.device_count()} devices (mesh {dict(job.mesh.shape)}); output in {job.eval_dir}",

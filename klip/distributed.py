@@ -14,6 +14,7 @@
 `num_cpu_devices` gives each process that many CPU devices (the local CPU mode). Joining is
 bounded by `timeout_s`, and a process that stops sending heartbeats for `heartbeat_s` fails the
 others (JAX aborts them naming the dead task), so a dead worker never leaves the rest hanging.
+The trainer and the eval job take the same flags (defined here) and call `initialize_from_flags`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,21 @@ import re
 from collections.abc import Mapping
 
 import jax
+from absl import flags
 
 from klip import sharding
+
+# Multi-process runs: SLURM and Cloud TPU need none of these.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (explicit mode).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (explicit mode).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (explicit mode).")
+_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
+                                        "CPU devices per process (local CPU mode; 0: default).")
+_JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                     "Seconds to wait for all processes to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 60,
+                                          "Seconds without heartbeats before a process is dead.")
 
 # SLURM: a port from the job id in the ephemeral range, as JAX's own SLURM detection picks.
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 61440, 4096
@@ -130,6 +144,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   print(f"klip.distributed: joined as process {jax.process_index()} of {jax.process_count()}, "
         f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
   return p
+
+
+def initialize_from_flags() -> Plan:
+  """`initialize` with this module's command-line flags."""
+  return initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                    num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_JOIN_TIMEOUT.value,
+                    heartbeat_s=_HEARTBEAT_TIMEOUT.value)
 
 
 def wait_for_all(name: str, timeout_s: int = 3600) -> None:

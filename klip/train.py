@@ -46,17 +46,7 @@ from klip.scio import schedule as scio_schedule
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, tokenizer).")
-# Multi-process runs (see klip/distributed.py): SLURM and Cloud TPU need none of these.
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0's coordinator (explicit mode).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (explicit mode).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (explicit mode).")
-_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
-                                        "CPU devices per process (local CPU mode; 0: default).")
-_JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
-                                     "Seconds to wait for all processes to join.")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 60,
-                                          "Seconds without heartbeats before a process is dead.")
+# Multi-process flags (--coordinator_address, --num_processes, ...): klip/distributed.py.
 
 
 class NonFiniteError(RuntimeError):
@@ -338,9 +328,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log every save at INFO
     absl_logging.set_verbosity(absl_logging.WARNING)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         num_cpu_devices=_NUM_CPU_DEVICES.value, timeout_s=_JOIN_TIMEOUT.value,
-                         heartbeat_s=_HEARTBEAT_TIMEOUT.value)
+  distributed.initialize_from_flags()
   distributed.check_layout(_CONFIG.value.mesh, jax.device_count(), jax.process_count())
   if (hint := host_memory.advice(jax.default_backend())) and jax.process_index() == 0:
     absl_logging.warning(hint)

@@ -294,6 +294,49 @@ def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
 
 
+EVALS = "zeroshot_category,probe_category,retrieval,captioning,vqa"
+
+
+def _eval_args(workdir, data_dir):
+  return ["-m", "evals.run", "--config=configs/eval.py:smoke", f"--workdir={workdir}",
+          f"--config.data_dir={data_dir}", "--config.source_root=/nonexistent", "--once",
+          "--step=10", f"--only={EVALS}", "--distributed_timeout_s=120",
+          "--heartbeat_timeout_s=30"]
+
+
+def _eval_metrics(workdir):
+  with open(os.path.join(workdir, "eval", "metrics.jsonl")) as f:
+    return json.loads(f.readlines()[-1])
+
+
+@pytest.mark.slow
+def test_the_eval_job_in_two_processes_equals_one(runs, data_dir, tmp_path):
+  """evals.run over 2 processes x 2 CPU devices (each computes its share of every batch,
+  process 0 writes) gives the metrics of 1 process x 4 devices on the same checkpoint."""
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  for w in (one, two):
+    shutil.copytree(runs["one"], w, ignore=shutil.ignore_patterns("eval"))
+  out = subprocess.run([sys.executable, *_eval_args(one, data_dir),
+                        "--num_cpu_devices=4"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, *_eval_args(two, data_dir),
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}", "--num_cpu_devices=2"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+  assert "joined as process 1 of 2" in logs[1]
+  want, got = _eval_metrics(one), _eval_metrics(two)
+  assert not got["failed"] and not got["skipped"], (got["failed"], got["skipped"])
+  assert sorted(got["metrics"]) == sorted(want["metrics"]) and len(got["metrics"]) > 20
+  for name, value in want["metrics"].items():
+    np.testing.assert_allclose(got["metrics"][name], value, rtol=1e-3, atol=1e-4, err_msg=name)
+  assert os.path.exists(os.path.join(two, "eval", "report.md"))
+
+
 @pytest.mark.slow
 def test_a_missing_worker_fails_fast_with_a_message(tmp_path, data_dir):
   # Process 0 of 2 starts alone: it gives up after the join timeout instead of hanging.
