@@ -66,6 +66,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.batch_size = 64       # global batch, across all processes and devices
   c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
   c.total_steps = 400
+  # The steps the learning-rate schedule and SCIO's stages span. 0: total_steps at the run's
+  # start. Fixed when a run starts and recorded in its checkpoints: a resume with a larger
+  # total_steps extends the run past the schedule's end at its final learning rate.
+  c.schedule_steps = 0
   c.optim = dict(lr=1e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
                  weight_decay=0.05, clip_norm=1.0)
   # Objectives and their weights (0 turns one off). contrast_type: "softmax" or "sigmoid";

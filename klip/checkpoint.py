@@ -9,11 +9,27 @@ another mesh or device count.
 from __future__ import annotations
 
 import os
+import logging
+import shutil
+import sys
+import threading
+import traceback
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from klip import distributed
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint saved by another model (parameter names or shapes differ from the config's)."""
+
+
+class NoRestorableCheckpoint(RuntimeError):
+  """Every step of a checkpoints directory failed to read."""
 
 
 def abstract_pure(state, shardings):
@@ -50,6 +66,78 @@ class Checkpointer:
       items["scio"] = ocp.args.JsonSave(table)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def newest_data(self) -> dict | None:
+    """The data item (step, examples seen, seed, batch, schedule) of the newest step whose
+    data item reads, or None when there is no step."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            data=ocp.args.JsonRestore())).data
+      except Exception:  # pylint: disable=broad-except
+        continue  # a damaged step: restore_newest says why when it reaches it
+    return None
+
+  def restore_newest(self, state_template, shardings, *, any_process=bool):
+    """(step, state, data) of the newest step that restores, or None when there is no step.
+
+    A step that fails to read (a missing or truncated file) is moved to
+    DIR/checkpoints_skipped/ with one line that says why, and the step before it is tried; a
+    step saved by another model raises CheckpointMismatch (older steps would too), and a
+    directory whose every step fails raises NoRestorableCheckpoint. `any_process(failed)`
+    agrees on a failure across processes, so that all of them resume from the same step.
+    """
+    if self.all_steps():
+      _quiet_abandoned_reads()
+    for step in sorted(self.all_steps(), reverse=True):
+      error = None
+      try:
+        self.check_matches(step, state_template)
+        state, data = self.restore(step, state_template, shardings)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # whatever the reader raises
+        error = e
+      if not any_process(error is not None):
+        return step, state, data
+      self._set_aside(step, error)
+    if os.path.isdir(self._skipped):
+      raise NoRestorableCheckpoint(
+          f"no checkpoint step under {self.directory} restores; the damaged steps are in "
+          f"{self._skipped}. Start a new --workdir, or move a step back to resume from it.")
+    return None
+
+  @property
+  def _skipped(self) -> str:
+    return self.directory + "_skipped"
+
+  def _set_aside(self, step: int, error: Exception | None) -> None:
+    why = _reason(error) if error is not None else "it failed to read in another process"
+    dest = os.path.join(self._skipped, str(step))
+    print(f"checkpoint step {step} does not restore ({why}); moved to {dest}, trying the "
+          "step before it", flush=True)
+    if jax.process_index() == 0:
+      os.makedirs(self._skipped, exist_ok=True)
+      if os.path.exists(dest):
+        shutil.rmtree(dest)
+      os.replace(os.path.join(self.directory, str(step)), dest)
+    distributed.wait_for_all(f"klip_skip_step_{step}")
+    self._manager.reload()
+
+  def check_matches(self, step: int, state_template) -> None:
+    """Raises CheckpointMismatch naming the parameters whose names or shapes differ."""
+    item = epath.Path(self.directory) / str(step) / "state"
+    saved = _shapes(ocp.PyTreeCheckpointHandler().metadata(item).tree)
+    wanted = _shapes(nnx.to_pure_dict(state_template))
+    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if differ:
+      shown = "; ".join(f"{k}: {saved.get(k, 'absent')} saved, {wanted.get(k, 'absent')} in "
+                        "this config" for k in differ[:3])
+      raise CheckpointMismatch(
+          f"checkpoint step {step} in {self.directory} was saved by another model ({shown}"
+          f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''}). Resume with the config "
+          "the run was made with (its config.json), or train a new --workdir with "
+          "--config.init.checkpoint set to this run.")
+
   def restore(self, step: int, state_template, shardings):
     """Restores `step` into the structure of `state_template` with `shardings`."""
     target = abstract_pure(state_template, shardings)
@@ -71,6 +159,66 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _reason(error: Exception) -> str:
+  """The first line of the innermost cause ("ValueError: ... Truncated Zstd-compressed ...")."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _from_a_restore(exc, obj=None) -> bool:
+  """Whether an error is an echo of a failed restore (see `_quiet_abandoned_reads`)."""
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  tb = getattr(exc, "__traceback__", None)
+  names = {f.f_code.co_name for f, _ in traceback.walk_tb(tb)} if tb is not None else set()
+  return bool(names & _READ_FUNCTIONS) or any(n in repr(obj) for n in _READ_FUNCTIONS)
+
+
+_READ_FUNCTIONS = {"_read_array_index_and_device_put", "async_deserialize", "_read_shard"}
+
+
+class _RestoreEchoFilter(logging.Filter):
+  def filter(self, record):
+    return not (record.exc_info and _from_a_restore(record.exc_info[1]))
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops the echoes of a failed restore: Orbax abandons that step's other array reads, which
+  then report themselves from TensorStore's threads and the asyncio loop ('Event loop is
+  closed', 'Task exception was never retrieved'), hundreds of tracebacks around the one line
+  that says why the step was skipped. Other errors pass through."""
+  if getattr(sys.unraisablehook, "klip_quiet", False):
+    return
+  unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
+
+  def quiet_unraisable(u):
+    if not _from_a_restore(u.exc_value, u.object):
+      unraisable(u)
+
+  def quiet_excepthook(kind, value, tb):
+    if not _from_a_restore(value):
+      excepthook(kind, value, tb)
+
+  def quiet_thread_hook(args):
+    if not _from_a_restore(args.exc_value):
+      thread_hook(args)
+
+  quiet_unraisable.klip_quiet = True
+  sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+  threading.excepthook = quiet_thread_hook
+  logging.getLogger("asyncio").addFilter(_RestoreEchoFilter())
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """Leaf path ("model/image/posemb") -> shape, for saved metadata and live state alike."""
+  def name(k):
+    return str(getattr(k, "key", getattr(k, "idx", k)))
+  return {"/".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def read_params(path: str) -> dict:

@@ -7,12 +7,20 @@ import optax
 from flax import nnx
 
 
+def schedule_steps(config) -> int:
+  """The steps the schedule spans: `schedule_steps`, else (0) `total_steps`."""
+  return config.schedule_steps or config.total_steps
+
+
 def schedule(config) -> optax.Schedule:
+  """Warm-up, then cosine decay to `end_lr_fraction` of the peak; held there after the
+  schedule's last step (a run extended past it)."""
   o = config.optim
-  warmup = min(o.warmup_steps, max(config.total_steps - 1, 0))
+  steps = schedule_steps(config)
+  warmup = min(o.warmup_steps, max(steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
-      decay_steps=max(config.total_steps, warmup + 1), end_value=o.lr * o.end_lr_fraction)
+      decay_steps=max(steps, warmup + 1), end_value=o.lr * o.end_lr_fraction)
 
 
 # Decayed: the dense kernels and the token embedding (also the tied output layer). Everything

@@ -38,26 +38,41 @@ def _versions() -> dict[str, str]:
   return out
 
 
+def _previous(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check(workdir: str, config, *, dataset_fingerprint: str,
+          tokenizer_fingerprint: str) -> None:
+  """Refuses to resume a run made on other data or another tokenizer; writes nothing."""
+  previous = _previous(workdir)
+  if previous is None:
+    return
+  for key, now in (("dataset_fingerprint", dataset_fingerprint),
+                   ("tokenizer_fingerprint", tokenizer_fingerprint)):
+    if previous.get(key) not in (None, now):
+      raise ProvenanceMismatch(
+          f"{workdir} holds a run made with {key.split('_')[0]} fingerprint "
+          f"{previous[key]}, but this run's is {now} ({config.data.dataset} under "
+          f"{config.data.data_dir}). Resuming would mix data; use a new --workdir or the "
+          "original dataset.")
+
+
 def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerprint: str,
            resumed_from: int | None, write: bool = True) -> dict:
-  """Writes DIR/config.json, after checking an existing one against these fingerprints.
+  """Writes DIR/config.json (after `check` when resuming), appending to its history.
 
-  Every process checks; only the one with `write` (process 0) writes.
+  The trainer calls it once the resume has succeeded, so a refused or failed resume leaves the
+  workdir's record as it was. Only the process with `write` (process 0) writes.
   """
-  path = os.path.join(workdir, "config.json")
-  previous = None
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-  if previous is not None and resumed_from is not None:
-    for key, now in (("dataset_fingerprint", dataset_fingerprint),
-                     ("tokenizer_fingerprint", tokenizer_fingerprint)):
-      if previous.get(key) not in (None, now):
-        raise ProvenanceMismatch(
-            f"{workdir} holds a run made with {key.split('_')[0]} fingerprint "
-            f"{previous[key]}, but this run's is {now} ({config.data.dataset} under "
-            f"{config.data.data_dir}). Resuming would mix data; use a new --workdir or the "
-            "original dataset.")
+  if resumed_from is not None:
+    check(workdir, config, dataset_fingerprint=dataset_fingerprint,
+          tokenizer_fingerprint=tokenizer_fingerprint)
+  previous = _previous(workdir)
   entry = {
       "config": json.loads(config.to_json()),
       "git_commit": git_commit(),
@@ -70,6 +85,7 @@ def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerpr
            "total_steps": config.total_steps}],
   }
   if write:
+    path = os.path.join(workdir, "config.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(entry, f, indent=1)

@@ -3,8 +3,10 @@ r"""KLIP pretraining: one readable trainer, sectioned like big_vision's.
   python -m klip.train --config=configs/pretrain.py:tiny --workdir=workdirs/tiny
 
 Resume order: the workdir's own latest checkpoint, else `config.init.checkpoint` (parameters
-only, partial restore), else scratch. `--config.total_steps=N` on an existing workdir continues
-that run to step N.
+only, partial restore), else scratch; a damaged latest step is set aside and the one before it
+restored. `--config.total_steps=N` on an existing workdir continues that run to step N; the
+learning-rate schedule and SCIO's stages stay as fixed at the run's start (`schedule_steps`),
+so steps past the schedule's end train at its final learning rate.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from klip import inference as inference_lib
 from klip import init_from
 from klip import metrics_writer
 from klip import objectives
+from klip import optim
 from klip import provenance
 from klip import sharding
 from klip import train_state
@@ -106,13 +109,49 @@ def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
+# Resume: what a run fixes at its start.
+# ---------------------------------------------------------------------------------------------
+class ResumeMismatch(ValueError):
+  pass
+
+
+def _fixed_at_start(config, saved: dict | None, workdir: str):
+  """The config with `schedule_steps` resolved: the run's own (recorded in its checkpoints)
+  when resuming, else `total_steps`. A resume with another seed or global batch (they fix the
+  data order) or another `schedule_steps` is refused before anything is written."""
+  fixed = optim.schedule_steps(config)
+  if saved is not None:
+    # Checkpoints from before schedule_steps was recorded: the schedule ran over total_steps.
+    fixed = saved.get("schedule_steps", config.total_steps)
+    pairs = {"seed": (saved.get("seed"), config.seed),
+             "batch_size": (saved.get("global_batch"), config.batch_size)}
+    if config.schedule_steps:  # 0 asks for nothing: the run's own schedule
+      pairs["schedule_steps"] = (fixed, config.schedule_steps)
+    for name, (theirs, ours) in pairs.items():
+      if theirs is not None and theirs != ours:
+        raise ResumeMismatch(
+            f"{workdir} holds a run made with {name}={theirs} (checkpoint step "
+            f"{saved['step']}); --config.{name}={ours} would change the steps it has taken. "
+            f"Continue it with {name}={theirs}, or start a new --workdir (with "
+            "--config.init.checkpoint to start from its parameters).")
+    if config.total_steps > fixed and jax.process_index() == 0:
+      print(f"extending the run past its schedule ({fixed} steps, fixed at its start): steps "
+            f"{max(fixed, saved['step']) + 1}-{config.total_steps} train at the final learning "
+            f"rate {config.optim.lr * config.optim.end_lr_fraction:.3g}", flush=True)
+  if fixed == config.schedule_steps:
+    return config
+  config = config.copy_and_resolve_references()
+  config.schedule_steps = fixed
+  return config
+
+
+# ---------------------------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------------------------
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training to config.total_steps; returns the final summary."""
   # ----- setup --------------------------------------------------------------------------------
   wall_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple((k, v) for k, v in config.sharding_rules)
@@ -128,25 +167,28 @@ def train(config, workdir: str) -> dict:
   if (config.batch_size // config.grad_accum_steps) % batch_shards:
     raise ValueError(f"micro-batch {config.batch_size // config.grad_accum_steps} does not "
                      f"divide over the {batch_shards} batch shards of mesh {dict(mesh.shape)}")
+  os.makedirs(workdir, exist_ok=True)  # after the checks: a refused run leaves no workdir
 
   # ----- input --------------------------------------------------------------------------------
   d = config.data
   source = _source(d)
-  tok = _tokenizer(config, workdir, source)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save)
-  resumed_from = ckpt.latest_step()
-  provenance.record(workdir, config,
-                    dataset_fingerprint=dataset_lib.fingerprint(d.data_dir, d.dataset),
-                    tokenizer_fingerprint=tok.fingerprint(), resumed_from=resumed_from,
-                    write=is_main)
+  config = _fixed_at_start(config, ckpt.newest_data(), workdir)
+  tok = _tokenizer(config, workdir, source)
+  fingerprints = dict(dataset_fingerprint=dataset_lib.fingerprint(d.data_dir, d.dataset),
+                      tokenizer_fingerprint=tok.fingerprint())
+  if ckpt.all_steps():
+    provenance.check(workdir, config, **fingerprints)
 
   # ----- model, optimizer, sharding -----------------------------------------------------------
   # Created outside the mesh context: placement comes from the explicit shardings alone.
   graphdef, state, shardings = train_state.create(config, mesh, rules)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(state["model"], nnx.Param)))
-  if resumed_from is not None:
-    state, data_position = ckpt.restore(resumed_from, state, shardings)
+  resumed = ckpt.restore_newest(state, shardings, any_process=inference_lib.Processes().any)
+  resumed_from = None
+  if resumed is not None:
+    resumed_from, state, data_position = resumed
     step = int(data_position["step"])
     examples_seen = int(data_position["examples_seen"])
     print(f"resumed from step {step} in {ckpt.directory}", flush=True)
@@ -154,6 +196,8 @@ def train(config, workdir: str) -> dict:
     step, examples_seen = 0, 0
     if config.init.checkpoint:
       state = init_from.load(state, shardings, config.init.checkpoint, config.model)
+  # Recorded once the resume has succeeded: a refused one leaves the workdir's record alone.
+  provenance.record(workdir, config, resumed_from=resumed_from, write=is_main, **fingerprints)
   if is_main:
     print(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} over "
           f"{jax.device_count()} devices, {jax.process_count()} process(es)", flush=True)
@@ -216,6 +260,7 @@ def train(config, workdir: str) -> dict:
     def save(at_step, examples):
       ckpt.save(at_step, state, {"step": at_step, "examples_seen": examples,
                                  "global_batch": config.batch_size, "seed": config.seed,
+                                 "schedule_steps": config.schedule_steps,
                                  "dataset": d.dataset}, table=scio.payload())
 
     def read(pending):
@@ -272,11 +317,13 @@ def train(config, workdir: str) -> dict:
                 "time)", flush=True)
       if timed is None and step - first_step == 2:
         timed = (step, time.time())  # exclude compilation from the throughput summary
-      if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+      if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
+          or stop["sigterm"]):
+        # The step's metrics row first: a kill after the save has committed loses no row.
+        last_metrics, pending = read(pending), None
         save(step, examples_seen)
-      if stop["sigterm"]:
+      if stop["sigterm"]:  # arrived before or during the save above, which holds this step
         print(f"SIGTERM: saving step {step} and exiting", flush=True)
-        save(step, examples_seen)
         break
     if pending is not None:
       last_metrics = read(pending)
@@ -287,6 +334,7 @@ def train(config, workdir: str) -> dict:
   # ----- summary ------------------------------------------------------------------------------
   wall = time.time() - wall_start
   summary = {"steps": step, "first_step": first_step, "wall_seconds": wall,
+             "stopped_by_sigterm": stop["sigterm"] and step < config.total_steps,
              "parameters": n_params, "workdir": os.path.abspath(workdir),
              "checkpoints": ckpt.directory, "final": last_metrics}
   if timed is not None and step > timed[0]:
@@ -307,7 +355,9 @@ def _print_summary(s: dict) -> None:
                           if k == "loss" or k.endswith("/loss"))
   lines = [
       "=" * 72,
-      f"KLIP run finished: step {s['steps']} (this invocation from step {s['first_step']})",
+      (f"KLIP run stopped by SIGTERM at step {s['steps']} (this invocation from step "
+       f"{s['first_step']}); the same command resumes it" if s["stopped_by_sigterm"] else
+       f"KLIP run finished: step {s['steps']} (this invocation from step {s['first_step']})"),
       f"  final losses : {losses_text}",
       f"  i2t accuracy : {final.get('contrast/i2t_accuracy', float('nan')):.3f} (in-batch)",
       f"  throughput   : {s.get('examples_per_s', float('nan')):.1f} examples/s "

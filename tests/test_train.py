@@ -253,7 +253,7 @@ def test_checkpoint_restores_onto_another_mesh(smoke_run, data_dir):
     _, state, shardings = train_state.create(config, mesh, rules)
     state, data = ckpt.restore(10, state, shardings)
     assert data == {"step": 10, "examples_seen": 80, "global_batch": 8, "seed": 0,
-                    "dataset": config.data.dataset}
+                    "schedule_steps": 10, "dataset": config.data.dataset}
     leaf = jax.tree.leaves(state)[5]
     assert set(leaf.sharding.mesh.devices.flat) <= set(devices)
     restored.append(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))

@@ -18,17 +18,18 @@ import time
 
 import jax
 
+from klip import optim
 from klip.scio import rescore
 from klip.scio import table as table_lib
 from klip.scio import values as values_lib
 
 
-def stage_at(step: int, total_steps: int, cfg) -> rescore.Stage:
-  """The SCIO stage of `step`: warm-up, then proofread, then reconstruct (fractions of
-  total_steps)."""
-  if step < cfg.warmup_fraction * total_steps:
+def stage_at(step: int, schedule_steps: int, cfg) -> rescore.Stage:
+  """The SCIO stage of `step`: warm-up, then proofread, then reconstruct (fractions of the
+  run's schedule, `optim.schedule_steps`)."""
+  if step < cfg.warmup_fraction * schedule_steps:
     return rescore.Stage.WARMUP
-  if step < cfg.reconstruct_from_fraction * total_steps:
+  if step < cfg.reconstruct_from_fraction * schedule_steps:
     return rescore.Stage.PROOFREAD
   return rescore.Stage.RECONSTRUCT
 
@@ -39,7 +40,7 @@ class Controller:
   def __init__(self, config, source, tokenizer, preprocess, saved: dict | None):
     """saved: the checkpoint's 'scio' item (`payload()` of the run being resumed) or None."""
     self._cfg = config.scio
-    self._total_steps = config.total_steps
+    self._schedule_steps = optim.schedule_steps(config)
     self._max_len = config.model.text.max_len
     self._source = source
     self._tokenizer = tokenizer
@@ -87,7 +88,7 @@ class Controller:
 
   def due(self, step: int) -> bool:
     return (self.enabled and step % self._cfg.every_steps == 0
-            and stage_at(step, self._total_steps, self._cfg) > rescore.Stage.WARMUP)
+            and stage_at(step, self._schedule_steps, self._cfg) > rescore.Stage.WARMUP)
 
   def rescore(self, inference, state, step: int, examples_seen: int, wall_start: float,
               after_chunk=None) -> dict[str, float]:
@@ -95,7 +96,7 @@ class Controller:
     `state` (`inference.Inference` of the train state); returns its metrics (wall share: of
     the wall time since `wall_start`, this invocation's start). Every process calls it."""
     base = self.pending if self.pending is not None else self.active
-    stage = stage_at(step, self._total_steps, self._cfg)
+    stage = stage_at(step, self._schedule_steps, self._cfg)
     # The train steps dispatched before the pass may still be running (dispatch is
     # asynchronous); their time is training's, not the pass's.
     jax.block_until_ready(state)
