@@ -8,8 +8,8 @@ another mesh or device count.
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -86,9 +86,10 @@ class Checkpointer:
     directory whose every step fails raises NoRestorableCheckpoint. `any_process(failed)`
     agrees on a failure across processes, so that all of them resume from the same step.
     """
-    if self.all_steps():
+    steps = sorted(self.all_steps(), reverse=True)
+    if steps:
       _quiet_abandoned_reads()
-    for step in sorted(self.all_steps(), reverse=True):
+    for step in steps:
       error = None
       try:
         self.check_matches(step, state_template)
@@ -169,6 +170,10 @@ def _reason(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
+# Orbax's functions that read a step's arrays: an error raised through them is a restore's.
+_READ_FUNCTIONS = {"_read_array_index_and_device_put", "async_deserialize", "_read_shard"}
+
+
 def _from_a_restore(exc, obj=None) -> bool:
   """Whether an error is an echo of a failed restore (see `_quiet_abandoned_reads`)."""
   if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
@@ -176,9 +181,6 @@ def _from_a_restore(exc, obj=None) -> bool:
   tb = getattr(exc, "__traceback__", None)
   names = {f.f_code.co_name for f, _ in traceback.walk_tb(tb)} if tb is not None else set()
   return bool(names & _READ_FUNCTIONS) or any(n in repr(obj) for n in _READ_FUNCTIONS)
-
-
-_READ_FUNCTIONS = {"_read_array_index_and_device_put", "async_deserialize", "_read_shard"}
 
 
 class _RestoreEchoFilter(logging.Filter):

@@ -64,14 +64,12 @@ def check(workdir: str, config, *, dataset_fingerprint: str,
 
 def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerprint: str,
            resumed_from: int | None, write: bool = True) -> dict:
-  """Writes DIR/config.json (after `check` when resuming), appending to its history.
+  """Writes DIR/config.json, appending to its history.
 
-  The trainer calls it once the resume has succeeded, so a refused or failed resume leaves the
-  workdir's record as it was. Only the process with `write` (process 0) writes.
+  The trainer calls `check` before a resume and this once the resume has succeeded, so a
+  refused or failed resume leaves the workdir's record as it was. Only the process with
+  `write` (process 0) writes.
   """
-  if resumed_from is not None:
-    check(workdir, config, dataset_fingerprint=dataset_fingerprint,
-          tokenizer_fingerprint=tokenizer_fingerprint)
   previous = _previous(workdir)
   entry = {
       "config": json.loads(config.to_json()),
