@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 
 from absl import app
@@ -106,7 +107,11 @@ def main(argv):
     options = dict(source=_SOURCE.value, workers=_WORKERS.value)
     if _DATASET.value == "mstar":
       options["depression_deg"] = _DEPRESSION.value
-  builder, report = prepare(_DATASET.value, _DATA_DIR.value, generator=gen, **options)
+  from klip.data.builders import archive  # pylint: disable=g-import-not-at-top
+  try:
+    builder, report = prepare(_DATASET.value, _DATA_DIR.value, generator=gen, **options)
+  except archive.NothingToBuild as e:
+    sys.exit(f"prepare: {e}")
   print(report_lib.to_markdown(report))
   print(f"report: {os.path.join(report['path'], 'build_report.md')}")
   print(f"dataset: {builder.name}/{builder.builder_config.name}")

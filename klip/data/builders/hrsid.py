@@ -202,18 +202,17 @@ class Hrsid(archive.ArchiveBuilder):
   VERSION = tfds.core.Version(VERSION)
   chips_of = staticmethod(chips)
 
-  def _split_assignment(self) -> dict[str, str]:
-    """Splits over the panoramas of the crops that load: every crop is decoded here, since a
-    panorama whose crops all fail must get no split (TFDS cannot write an empty one); what
-    fails is recorded as skipped now, as no split will load it again."""
+  def _split_assignment(self, unreadable: frozenset[str]) -> dict[str, str]:
+    """Splits over the panoramas of the crops that load: every crop is decoded here (a few
+    large scenes), so the probe of `archive` finds every split readable."""
     cfg = self.builder_config
     panoramas = set()
     for item in chips(cfg.source, workers=cfg.workers):
       if isinstance(item, sources.Skipped):
-        self._skipped[(item.path, item.reason)] = item
+        self._skip(item)
       else:
         panoramas.add(item.scene_id)
-    return split_of(panoramas, cfg.val_fraction, cfg.test_fraction)
+    return split_of(panoramas - unreadable, cfg.val_fraction, cfg.test_fraction)
 
 
 def builder(data_dir: str, *, source: str, generator, workers: int = 0,

@@ -2,8 +2,9 @@
 
     python -m klip.data.prepare --dataset=manifest --source=/data/my_chips/manifest.jsonl
 
-One JSON object per line (blank lines and lines starting with # are ignored); paths are relative
-to the manifest's folder and may not leave it (no `..`, absolute paths or symlinks out).
+One JSON object per line of UTF-8 (blank lines and lines starting with # are ignored); paths are
+relative to the manifest's folder and may not leave it (no `..`, absolute paths or symlinks out).
+The dataset is `manifest/<stem>_<hash>` (`config_name`): a new or edited manifest builds anew.
 
   required  image            GeoTIFF/TIFF or PNG (format read from the content)
             id               unique chip id
@@ -32,9 +33,11 @@ amplitude -> 20 log10). Unknown fields are rejected, so a misspelt key is never 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Container, Iterator
 from typing import Any
 
@@ -169,12 +172,17 @@ def _entry(raw: Any, where: str, root: str) -> _Entry:
 def _entries(manifest: str) -> Iterator[_Entry | sources.Skipped]:
   root = os.path.dirname(os.path.abspath(manifest))
   ids = set()
-  with open(manifest, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with open(manifest, "rb") as f:
+    for n, data in enumerate(f, 1):
       where = f"{manifest}:{n}"
-      if not line.strip() or line.lstrip().startswith("#"):
-        continue
       try:
+        try:
+          line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise sources.SkipError(f"not UTF-8 text: byte {data[e.start]:#04x} at column "
+                                  f"{e.start + 1}") from None
+        if not line.strip() or line.lstrip().startswith("#"):
+          continue
         try:
           raw = json.loads(line)
         except json.JSONDecodeError as e:
@@ -248,9 +256,24 @@ class Manifest(archive.ArchiveBuilder):
   chips_of = staticmethod(chips)
 
 
+def config_name(manifest: str) -> str:
+  """`<file stem>_<first 8 hex of the content's SHA-256>`: another manifest, or an edited one,
+  is another dataset beside the first, never a silent reuse of it."""
+  digest = hashlib.sha256()
+  with open(manifest, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(manifest))[0].lower())
+  return f"{stem.strip('_') or 'manifest'}_{digest.hexdigest()[:8]}"
+
+
 def builder(data_dir: str, *, source: str, generator, workers: int = 0,
             val_fraction: float = 0.1, test_fraction: float = 0.1) -> Manifest:
-  """`source`: the manifest JSONL file."""
-  cfg = archive.ArchiveConfig(name="default", source=os.path.abspath(source), workers=workers,
+  """`source`: the manifest JSONL file; the config name is `config_name(source)`."""
+  if not os.path.isfile(source):
+    raise FileNotFoundError(f"manifest: source {source!r} is not a file (expected the JSONL "
+                            "manifest)")
+  cfg = archive.ArchiveConfig(name=config_name(source), source=os.path.abspath(source),
+                              workers=workers,
                               val_fraction=val_fraction, test_fraction=test_fraction)
   return archive.make(Manifest, data_dir, cfg, generator)

@@ -114,11 +114,12 @@ def _load(task: _Task) -> chip_lib.Chip | sources.Skipped:
 
 
 def split_of(source: str, val_fraction: float, test_fraction: float,
-             depression_deg: float = 17.0) -> dict[str, str]:
-  """Scene (class block) -> split, assigned per class so no class leaves train."""
+             depression_deg: float = 17.0, unreadable: Container[str] = ()) -> dict[str, str]:
+  """Scene (class block) -> split, assigned per class so no class leaves train; the
+  `unreadable` scenes get none."""
   by_class: dict[str, set[str]] = {}
   for t in _tasks(source, depression_deg):
-    if isinstance(t, _Task):
+    if isinstance(t, _Task) and t.scene_id not in unreadable:
       by_class.setdefault(t.cls, set()).add(t.scene_id)
   out = {}
   for scenes in by_class.values():
@@ -147,14 +148,14 @@ class Mstar(archive.ArchiveBuilder):
 
   VERSION = tfds.core.Version(VERSION)
 
-  def _split_assignment(self) -> dict[str, str]:
+  def _split_assignment(self, unreadable: frozenset[str]) -> dict[str, str]:
     cfg = self.builder_config
-    return split_of(cfg.source, cfg.val_fraction, cfg.test_fraction, cfg.depression_deg)
+    return split_of(cfg.source, cfg.val_fraction, cfg.test_fraction, cfg.depression_deg,
+                    unreadable=unreadable)
 
-  def _chips(self, scenes):
+  def _chips(self, scenes, workers: int):
     cfg = self.builder_config
-    return chips(cfg.source, depression_deg=cfg.depression_deg, scenes=scenes,
-                 workers=cfg.workers)
+    return chips(cfg.source, depression_deg=cfg.depression_deg, scenes=scenes, workers=workers)
 
 
 def builder(data_dir: str, *, source: str, generator, workers: int = 0,

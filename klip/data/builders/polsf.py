@@ -244,13 +244,14 @@ class Polsf(archive.ArchiveBuilder):
   VERSION = tfds.core.Version(VERSION)
   chips_of = staticmethod(chips)
 
-  def _split_assignment(self) -> dict[str, str]:
+  def _split_assignment(self, unreadable: frozenset[str]) -> dict[str, str]:
     cfg = self.builder_config
     try:
       _, landcover = read_scene(cfg.source)
     except sources.SkipError as e:
-      raise ValueError(f"polsf: nothing to build from {cfg.source}: {e}") from None
-    return split_of(block_classes(landcover), cfg.val_fraction, cfg.test_fraction)
+      raise archive.NothingToBuild(f"polsf: nothing to build from {cfg.source}: {e}") from None
+    blocks = {b: c for b, c in block_classes(landcover).items() if b not in unreadable}
+    return split_of(blocks, cfg.val_fraction, cfg.test_fraction)
 
 
 def builder(data_dir: str, *, source: str, generator, workers: int = 0,

@@ -20,6 +20,7 @@ from PIL import Image
 from klip.data import chip as chip_lib
 from klip.data import knowledge
 
+MIN_SIDE_PX = 8  # the smallest chip side kept (OpenSARShip's smallest ship chip is 13 px)
 NEAR_CITY_KM = 100.0  # a chip closer than this to a known place belongs to it
 REGION_KM = 300.0     # a chip closer than this is named "near" the place
 _EARTH_RADIUS_KM = 6371.0
@@ -90,9 +91,13 @@ def read_pixels(path: str) -> np.ndarray:
 
 
 def check_pixels(image: np.ndarray, channels: int) -> np.ndarray:
-  """`image` if it is non-empty, finite and has `channels` channels; SkipError otherwise."""
+  """`image` if it is at least MIN_SIDE_PX on each side, finite and has `channels` channels;
+  SkipError otherwise."""
   if image.size == 0 or min(image.shape[:2]) < 1:
     raise SkipError(f"empty image (shape {image.shape})")
+  if min(image.shape[:2]) < MIN_SIDE_PX:
+    raise SkipError(f"image is {image.shape[1]}x{image.shape[0]} px, smaller than "
+                    f"{MIN_SIDE_PX} px on a side (one model patch): too small to upsample")
   if image.shape[-1] != channels:
     raise SkipError(f"image has {image.shape[-1]} channels, metadata lists {channels}")
   bad = int(np.count_nonzero(~np.isfinite(image)))
