@@ -92,12 +92,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # the field's N most frequent other values compete with the fill, ranked by the decoder's
   # log-likelihood of the caption: klip/scio/values.py). A new table takes effect at
   # the next epoch boundary. initial_table: a JSON pair table to start from instead of the
-  # clean one. exit_in_pass_at_step: fault hook (SIGKILL inside that pass).
+  # clean one.
   c.scio = dict(enabled=variant != "smoke", every_steps=50, slice_size=64, batch_size=64,
                 warmup_fraction=1 / 3, reconstruct_from_fraction=2 / 3, margin_cosine=0.01,
                 margin_match=0.02, weight_floor=0.5, max_span=40, fill_candidates=0,
-                initial_table="",
-                exit_in_pass_at_step=-1)
+                initial_table="")
   c.max_nonfinite_updates = 0  # skipped non-finite updates tolerated before the run stops
 
   # Sharding: mesh axis sizes (-1: all remaining devices) and logical-axis rules.
@@ -110,10 +109,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       ("vocab", "tensor"),
   )
 
-  c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
+  # keep: the newest steps; keep_period: steps divisible by it survive rotation, so an eval job
+  # that falls behind still finds them (it records the others it could not reach as missed).
+  c.checkpoint = dict(every_steps=100, keep=3, keep_period=200, async_save=True)
   c.init = dict(checkpoint="")  # a workdir or step dir to initialise from (partial restore)
   c.log_every = 10
-  c.debug = dict(exit_at_step=-1, nonfinite_at_step=-1)
 
   if variant == "smoke":
     c.data.dataset = "synthetic/n160_s32_c2_seed0"
@@ -149,7 +149,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                    remat_policy="dots_saveable")
     c.batch_size, c.total_steps = 2048, 200_000
     c.optim.update(lr=3e-4, warmup_steps=5000)
-    c.checkpoint.every_steps = 2000
+    c.checkpoint.update(every_steps=2000, keep_period=10_000)
     c.log_every = 100
     c.mesh.update(data=-1, fsdp=8 if variant == "large" else 1)
   c.lock()

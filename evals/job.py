@@ -21,6 +21,7 @@ from evals import ledger as ledger_lib
 from evals import report as report_lib
 from evals.predictor import Predictor, run_config
 from klip import checkpoint as checkpoint_lib
+from klip import faults
 from klip import inference as inference_lib
 from klip import sharding
 from klip.data import dataset as dataset_lib
@@ -56,6 +57,24 @@ def run_evaluators(config, predictor: Predictor, datasets: data_lib.Datasets,
   return outcomes
 
 
+def merged_rows(metrics_path: str) -> list[dict]:
+  """One row per evaluated step of a metrics.jsonl: its rows merged in order (a later
+  evaluation of the same evaluator, e.g. an `--only` rerun or the rerun of a step whose job was
+  killed before its ledger entry, replaces that evaluator's metrics and status)."""
+  if not os.path.exists(metrics_path):
+    return []
+  merged: dict[int, dict] = {}
+  with open(metrics_path) as f:
+    for row in (json.loads(line) for line in f if line.strip()):
+      into = merged.setdefault(row["step"], {"step": row["step"], "metrics": {},
+                                             "skipped": {}, "failed": {}})
+      names = set(row.get("evaluator_seconds", {}))
+      for part in ("metrics", "skipped", "failed"):
+        into[part] = {k: v for k, v in into[part].items() if k.split("/")[0] not in names}
+        into[part].update(row[part])
+  return list(merged.values())
+
+
 class Job:
   """One eval config watching one training workdir."""
 
@@ -72,12 +91,50 @@ class Job:
     self.mesh = sharding.make_mesh(config.mesh)
     self._tb = None
     self._datasets = None
+    self.restore_failures: dict[int, str] = {}  # step -> error, for the steps still on disk
+
+  def started(self) -> bool:
+    """Whether the training run has recorded its config (WORKDIR/config.json)."""
+    return os.path.exists(os.path.join(self.workdir, "config.json"))
 
   def pending(self) -> list[int]:
-    """The finished steps not in the ledger, as process 0 sees them (a checkpoint that lands
-    between two processes' looks is not evaluated by one of them alone)."""
-    steps = [s for s in checkpoint_lib.complete_steps(self.checkpoints) if s not in self.ledger]
-    return steps if self.processes.count == 1 else self.processes.gather_json(steps)[0]
+    """The finished steps not yet evaluated, as process 0 sees them (a checkpoint that lands
+    between two processes' looks is not evaluated by one of them alone). The steps the run
+    saved and no longer has are first entered in the ledger as missed (`gone`)."""
+    finished = checkpoint_lib.complete_steps(self.checkpoints)
+    steps = [s for s in finished if s not in self.ledger.done]  # a missed step may come back
+    gone = self.gone(finished)
+    if self.processes.count > 1:
+      steps, gone = self.processes.gather_json([steps, gone])[0]
+    for step, reason in gone:
+      self._missed(step, reason)
+    return steps
+
+  def gone(self, finished: list[int]) -> list[tuple[int, str]]:
+    """(step, why) for each step the run saved that is neither finished on disk nor in the
+    ledger: set aside as damaged (WORKDIR/checkpoints_skipped/STEP), or a multiple of its
+    `checkpoint.every_steps` below its newest finished step, deleted by checkpoint rotation."""
+    if not self.started():
+      return []
+    cfg = run_config(self.workdir).checkpoint
+    settled = set(finished) | set(self.ledger.done) | set(self.ledger.missed)
+    aside = checkpoint_lib.set_aside_dir(self.checkpoints)
+    out = {s: f"set aside as damaged by the trainer ({aside}/{s})"
+           for s in checkpoint_lib.set_aside_steps(self.checkpoints) if s not in settled}
+    rotation = (f"deleted by checkpoint rotation before it was evaluated (the run's checkpoint "
+                f"config: {json.dumps(cfg.to_dict(), sort_keys=True)}; keep and keep_period "
+                "say which steps survive)")
+    for s in range(cfg.every_steps, max(finished, default=0), cfg.every_steps):
+      if s not in settled:
+        out.setdefault(s, rotation)
+    return sorted(out.items())
+
+  def _missed(self, step: int, reason: str) -> None:
+    self.ledger.mark_missed(step, reason)
+    self.restore_failures.pop(step, None)
+    print(f"[step {step}] missed: {reason}", flush=True)
+    if self.writes:
+      report_lib.write_index(self.eval_dir, self.rows(), self.ledger.missed)
 
   def evaluate(self, step: int, only=None) -> dict | None:
     """Evaluates one step; returns its metrics row, or None if the checkpoint did not restore."""
@@ -92,9 +149,14 @@ class Job:
       errors = [e for e in self.processes.gather_json(error) if e]
       error = error or (errors[0] if errors else "")
     if error:
+      if step not in checkpoint_lib.complete_steps(self.checkpoints):
+        self._missed(step, f"deleted while the job restored it ({error})")
+        return None
       print(f"[step {step}] checkpoint did not restore ({error}); not marked done, retried at "
             "the next poll", flush=True)
+      self.restore_failures[step] = error
       return None
+    self.restore_failures.pop(step, None)
     train_cfg = predictor.config
     if self._datasets is None:  # records are read once and kept for the later steps
       self._datasets = data_lib.Datasets(
@@ -118,7 +180,9 @@ class Job:
                      f"{self.processes.count} process(es)",
           "wall time": f"{row['seconds']:.0f} s"})
       self._append(row)
-      report_lib.write_index(self.eval_dir, self.rows())
+      report_lib.write_index(self.eval_dir, self.rows(), self.ledger.missed)
+    if faults.at("kill_in_eval_at_step", step):
+      faults.kill()
     if not only:
       self.ledger.mark(step, seconds=round(row["seconds"], 1), failed=sorted(row["failed"]),
                        skipped=sorted(row["skipped"]))
@@ -128,20 +192,7 @@ class Job:
     return row
 
   def rows(self) -> list[dict]:
-    """One row per evaluated step: its rows merged in order (a later evaluation of the same
-    evaluator, e.g. an `--only` rerun, replaces that evaluator's metrics and status)."""
-    if not os.path.exists(self.metrics_path):
-      return []
-    merged: dict[int, dict] = {}
-    with open(self.metrics_path) as f:
-      for row in (json.loads(line) for line in f if line.strip()):
-        into = merged.setdefault(row["step"], {"step": row["step"], "metrics": {},
-                                               "skipped": {}, "failed": {}})
-        names = set(row.get("evaluator_seconds", {}))
-        for part in ("metrics", "skipped", "failed"):
-          into[part] = {k: v for k, v in into[part].items() if k.split("/")[0] not in names}
-          into[part].update(row[part])
-    return list(merged.values())
+    return merged_rows(self.metrics_path)
 
   def _append(self, row: dict) -> None:
     os.makedirs(self.eval_dir, exist_ok=True)

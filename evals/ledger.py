@@ -1,8 +1,10 @@
 """DIR/eval/ledger.json: the checkpoint steps this eval config has finished, so a restarted or
-concurrent watcher never evaluates a step twice.
+concurrent watcher never evaluates a step twice, and the steps it missed, with why.
 
 A step enters the ledger only after its metrics and report are written: a job killed while
-evaluating a step evaluates it again when restarted. Writes are atomic (temp file + rename).
+evaluating a step evaluates it again when restarted. A step the training run saved but deleted
+(checkpoint rotation) or set aside (damaged) before it was evaluated is entered as missed, so a
+gap in the evaluated steps is always explained. Writes are atomic (temp file + rename).
 """
 
 from __future__ import annotations
@@ -19,24 +21,41 @@ class Ledger:
     self.path = path
     self.write = write
     self._done: dict[int, dict] = {}
+    self._missed: dict[int, str] = {}
     if os.path.exists(path):
       with open(path) as f:
         payload = json.load(f)
       self._done = {int(k): v for k, v in payload.get("done", {}).items()}
+      self._missed = {int(k): v for k, v in payload.get("missed", {}).items()}
 
   @property
   def done(self) -> list[int]:
     return sorted(self._done)
 
+  @property
+  def missed(self) -> dict[int, str]:
+    """Step -> why it could not be evaluated."""
+    return dict(sorted(self._missed.items()))
+
   def __contains__(self, step: int) -> bool:
-    return step in self._done
+    """Whether the step is settled: evaluated, or missed."""
+    return step in self._done or step in self._missed
 
   def mark(self, step: int, **info) -> None:
     self._done[step] = dict(info, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    self._missed.pop(step, None)
+    self._save()
+
+  def mark_missed(self, step: int, reason: str) -> None:
+    self._missed[step] = reason
+    self._save()
+
+  def _save(self) -> None:
     if not self.write:
       return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
-      json.dump({"done": {str(k): v for k, v in sorted(self._done.items())}}, f, indent=1)
+      json.dump({"done": {str(k): v for k, v in sorted(self._done.items())},
+                 "missed": {str(k): v for k, v in sorted(self._missed.items())}}, f, indent=1)
     os.replace(tmp, self.path)

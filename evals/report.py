@@ -72,14 +72,18 @@ def write_step(directory: str, step: int, outcomes: list[Outcome], header: dict)
   return path
 
 
-def write_index(eval_dir: str, rows: list[dict]) -> str:
-  """DIR/eval/report.md from the metrics.jsonl rows (one per evaluated step)."""
+def write_index(eval_dir: str, rows: list[dict], missed: dict[int, str]) -> str:
+  """DIR/eval/report.md from the metrics.jsonl rows (one per evaluated step) and the steps the
+  ledger records as missed (step -> why)."""
   rows = sorted(rows, key=lambda r: r["step"])
   steps = [r["step"] for r in rows]
   names = sorted({k for r in rows for k in r["metrics"] if k + LOW in r["metrics"]})
   lines = ["# KLIP evaluation: all steps", "",
            f"Steps evaluated: {', '.join(map(str, steps)) or 'none'}. Per-step reports: "
            + ", ".join(f"[{s}](step_{s}/report.md)" for s in steps), ""]
+  if missed:
+    lines += [f"Steps missed ({len(missed)}): the run saved them but they could not be "
+              "evaluated:", ""] + [f"- {s}: {why}" for s, why in sorted(missed.items())] + [""]
   if len(steps) >= 2:
     lines += [f"Change from step {steps[0]} to step {steps[-1]}: **up** / **down** when the "
               "95 % bootstrap intervals do not overlap, `~` when they do.", ""]

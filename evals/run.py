@@ -16,7 +16,11 @@ and Cloud TPU need none, klip/distributed.py), and process 0 writes.
 
 Faults: a missing eval dataset makes that evaluator "skipped: <reason>" and the others run; an
 evaluator that raises is recorded with its traceback and the job goes on; a checkpoint that
-fails to restore is logged, not entered in the ledger, and retried at the next poll.
+fails to restore is logged, not entered in the ledger, and retried at the next poll. A step the
+run saved but deleted (rotation: `checkpoint.keep`, `checkpoint.keep_period`) or set aside as
+damaged before the job reached it is entered in the ledger and report as missed, with why. A
+watcher started before the run waits for its config.json. Exit status 1: `--once` on a
+directory that is not a training workdir, a step that did not restore, or no step at all.
 """
 
 from __future__ import annotations
@@ -68,7 +72,17 @@ def main(argv):
       if job.evaluate(_STEP.value, _ONLY.value) is None:
         raise SystemExit(1)
       return
+    waiting = False
     while True:
+      if not job.started():
+        if _ONCE.value:
+          raise SystemExit(f"evals.run: {job.workdir} is not a KLIP training workdir (no "
+                           "config.json): nothing to evaluate")
+        if not waiting:
+          print(f"waiting for the run to start ({job.workdir}/config.json)", flush=True)
+        waiting = True
+        time.sleep(config.poll_seconds)
+        continue
       for step in job.pending():
         job.evaluate(step, _ONLY.value)
       if _ONCE.value:
@@ -79,8 +93,14 @@ def main(argv):
       time.sleep(config.poll_seconds)
   finally:
     job.close()
-  print(f"ledger: {job.ledger.done}; report: {os.path.join(job.eval_dir, 'report.md')}",
-        flush=True)
+  print(f"ledger: {job.ledger.done}; missed: {sorted(job.ledger.missed) or 'none'}; report: "
+        f"{os.path.join(job.eval_dir, 'report.md')}", flush=True)
+  if job.restore_failures:
+    raise SystemExit(f"evals.run: {len(job.restore_failures)} step(s) did not restore: "
+                     + "; ".join(f"{s}: {e}" for s, e in sorted(job.restore_failures.items())))
+  if not job.ledger.done and not job.ledger.missed:
+    raise SystemExit(f"evals.run: no finished checkpoint under {job.checkpoints}: nothing "
+                     "was evaluated")
 
 
 if __name__ == "__main__":

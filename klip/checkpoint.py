@@ -8,6 +8,7 @@ another mesh or device count.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -32,6 +33,14 @@ class NoRestorableCheckpoint(RuntimeError):
   """Every step of a checkpoints directory failed to read."""
 
 
+class SaveFailed(RuntimeError):
+  """A checkpoint save did not complete (its step directory stays temporary, never listed)."""
+
+  def __init__(self, directory: str, error: Exception):
+    super().__init__(f"a checkpoint save under {directory} failed: {_reason(error)}")
+    self.reason = _reason(error)
+
+
 def abstract_pure(state, shardings):
   """ShapeDtypeStructs (with target shardings) in the pure-dict layout that is saved."""
   pure_state = nnx.to_pure_dict(state)
@@ -44,12 +53,15 @@ class Checkpointer:
   """A CheckpointManager over DIR/checkpoints with items 'state', 'data' and, for SCIO runs,
   'scio' (the pair tables, JSON)."""
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool, keep_period: int = 0):
+    """keep: the newest steps kept; keep_period: steps divisible by it are never deleted (the
+    eval job's steps, 0: none)."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    _quiet_orbax_echoes()
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
+                                             create=True, enable_async_checkpointing=async_save),
         item_names=("state", "data", "scio"))
 
   def latest_step(self) -> int | None:
@@ -64,7 +76,10 @@ class Checkpointer:
              "data": ocp.args.JsonSave(data)}
     if table is not None:
       items["scio"] = ocp.args.JsonSave(table)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:  # also where the previous asynchronous save reports its failure
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except  # whatever the writer raises
+      raise SaveFailed(self.directory, e) from e
 
   def newest_data(self) -> dict | None:
     """The data item (step, examples seen, seed, batch, schedule) of the newest step whose
@@ -87,8 +102,6 @@ class Checkpointer:
     agrees on a failure across processes, so that all of them resume from the same step.
     """
     steps = sorted(self.all_steps(), reverse=True)
-    if steps:
-      _quiet_abandoned_reads()
     for step in steps:
       error = None
       try:
@@ -109,7 +122,7 @@ class Checkpointer:
 
   @property
   def _skipped(self) -> str:
-    return self.directory + "_skipped"
+    return set_aside_dir(self.directory)
 
   def _set_aside(self, step: int, error: Exception | None) -> None:
     why = _reason(error) if error is not None else "it failed to read in another process"
@@ -156,7 +169,11 @@ class Checkpointer:
         scio=ocp.args.JsonRestore())).scio
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Until the asynchronous save in flight has finished; SaveFailed if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(self.directory, e) from e
 
   def close(self) -> None:
     self._manager.close()
@@ -170,49 +187,55 @@ def _reason(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-# Orbax's functions that read a step's arrays: an error raised through them is a restore's.
-_READ_FUNCTIONS = {"_read_array_index_and_device_put", "async_deserialize", "_read_shard"}
-
-
-def _from_a_restore(exc, obj=None) -> bool:
-  """Whether an error is an echo of a failed restore (see `_quiet_abandoned_reads`)."""
+def _from_orbax(exc, obj=None) -> bool:
+  """Whether an error is an echo of a failed restore or save (see `_quiet_orbax_echoes`): the
+  asyncio loop's "Event loop is closed", a full disk, or an error raised through Orbax's code."""
   if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
     return True
+  if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    return True
   tb = getattr(exc, "__traceback__", None)
-  names = {f.f_code.co_name for f, _ in traceback.walk_tb(tb)} if tb is not None else set()
-  return bool(names & _READ_FUNCTIONS) or any(n in repr(obj) for n in _READ_FUNCTIONS)
+  files = [f.f_code.co_filename for f, _ in traceback.walk_tb(tb)] if tb is not None else []
+  return any(_ORBAX in f for f in files) or _ORBAX in repr(obj)
 
 
-class _RestoreEchoFilter(logging.Filter):
+_ORBAX = os.sep + "orbax" + os.sep
+
+
+class _EchoFilter(logging.Filter):
   def filter(self, record):
-    return not (record.exc_info and _from_a_restore(record.exc_info[1]))
+    return not (record.exc_info and _from_orbax(record.exc_info[1])
+                or record.exc_info and _ORBAX in record.pathname)
 
 
-def _quiet_abandoned_reads() -> None:
-  """Drops the echoes of a failed restore: Orbax abandons that step's other array reads, which
-  then report themselves from TensorStore's threads and the asyncio loop ('Event loop is
-  closed', 'Task exception was never retrieved'), hundreds of tracebacks around the one line
-  that says why the step was skipped. Other errors pass through."""
+def _quiet_orbax_echoes() -> None:
+  """Drops the echoes of a failed restore or save. A restore that fails abandons the step's
+  other array reads, and a save that fails (a full disk) fails in every writer thread; each
+  then reports itself from TensorStore's threads, the asyncio loop ('Event loop is closed',
+  'Task exception was never retrieved') and Orbax's log: hundreds of tracebacks around the one
+  line that says what happened, which the caller gets (the set-aside line of `restore_newest`,
+  SaveFailed at the next `save` or `wait`). Other errors pass through."""
   if getattr(sys.unraisablehook, "klip_quiet", False):
     return
   unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
 
   def quiet_unraisable(u):
-    if not _from_a_restore(u.exc_value, u.object):
+    if not _from_orbax(u.exc_value, u.object):
       unraisable(u)
 
-  def quiet_excepthook(kind, value, tb):
-    if not _from_a_restore(value):
+  def quiet_excepthook(kind, value, tb):  # TensorStore's callbacks print through it
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
       excepthook(kind, value, tb)
 
   def quiet_thread_hook(args):
-    if not _from_a_restore(args.exc_value):
+    if not _from_orbax(args.exc_value):
       thread_hook(args)
 
   quiet_unraisable.klip_quiet = True
   sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
   threading.excepthook = quiet_thread_hook
-  logging.getLogger("asyncio").addFilter(_RestoreEchoFilter())
+  for name in ("asyncio", "absl"):
+    logging.getLogger(name).addFilter(_EchoFilter())
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -245,6 +268,17 @@ def read_params(path: str) -> dict:
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), tree)
     state = ckptr.restore(item, target)
   return jax.tree.map(np.asarray, state["model"])
+
+
+def set_aside_dir(directory: str) -> str:
+  """Where `restore_newest` moves the damaged steps of a checkpoints directory."""
+  return directory.rstrip("/") + "_skipped"
+
+
+def set_aside_steps(directory: str) -> list[int]:
+  """The steps of a checkpoints directory that were set aside as damaged, ascending."""
+  path = set_aside_dir(directory)
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
 
 
 def complete_steps(directory: str) -> list[int]:

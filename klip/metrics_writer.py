@@ -60,9 +60,16 @@ class MetricsWriter:
       print(f"step {step}/{self._total} | {losses}{rate_text}", flush=True)
     return rates
 
-  def close(self) -> None:
+  def close(self, quiet: bool = False) -> None:
+    """Flushes and closes TensorBoard's writer; quiet: an OSError on the way (a full disk) is
+    dropped, since metrics.jsonl, not the events, is what a resumed run rewrites."""
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError:
+        if not quiet:
+          raise
+      self._tb = None
 
 
 def _duration(seconds: float) -> str:
@@ -72,8 +79,22 @@ def _duration(seconds: float) -> str:
 
 
 def read(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl. A last line without its newline that does not parse is a
+  write torn by a kill or a full disk and is dropped (the resumed run writes that step again);
+  any other bad line is an error naming it."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  rows = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n == len(lines) and not line.endswith("\n"):
+        break
+      raise ValueError(f"{path}:{n}: not a JSON metrics row ({e})") from None
+  return rows
 
 
 def plot_losses(metrics_path: str, out_path: str) -> str:

@@ -12,8 +12,10 @@ so steps past the schedule's end train at its final learning rate.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
+import sys
 import time
 import zlib
 
@@ -29,6 +31,7 @@ from ml_collections import config_flags
 
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
+from klip import faults
 from klip import host_memory
 from klip import inference as inference_lib
 from klip import init_from
@@ -111,6 +114,27 @@ def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
 # ---------------------------------------------------------------------------------------------
 # Resume: what a run fixes at its start.
 # ---------------------------------------------------------------------------------------------
+class DiskFull(OSError):
+  """The workdir's file system filled up: what is checkpointed is intact and resumable."""
+
+  def __init__(self, workdir: str, step: int, error: Exception, complete: list[int]):
+    reason = error.reason if isinstance(error, checkpoint_lib.SaveFailed) else str(error)
+    newest = (f"the newest complete checkpoint is step {complete[-1]}, where the same command "
+              "resumes" if complete else "no checkpoint is complete, so the same command "
+              "starts again from step 0")
+    super().__init__(errno.ENOSPC, f"no space left on device under {os.path.abspath(workdir)} "
+                     f"by step {step} ({reason}). Nothing is lost: {newest} once space is free")
+
+
+def _no_space(error: BaseException) -> bool:
+  """Whether an error (or one it was raised from) is a full disk (ENOSPC)."""
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class ResumeMismatch(ValueError):
   pass
 
@@ -173,6 +197,7 @@ def train(config, workdir: str) -> dict:
   d = config.data
   source = _source(d)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                     keep_period=config.checkpoint.keep_period,
                                      async_save=config.checkpoint.async_save)
   config = _fixed_at_start(config, ckpt.newest_data(), workdir)
   tok = _tokenizer(config, workdir, source)
@@ -254,14 +279,16 @@ def train(config, workdir: str) -> dict:
     if scio.enabled:
       batches = open_batches()
 
-    def kill_in_pass():  # fault hook: die like a killed process, inside a rescoring pass
-      os.kill(os.getpid(), signal.SIGKILL)
-
     def save(at_step, examples):
+      if faults.at("fill_disk_at_step", at_step):
+        ckpt.wait()  # the steps before are complete: the fault hits this step's save alone
+        faults.fill_disk(workdir)
       ckpt.save(at_step, state, {"step": at_step, "examples_seen": examples,
                                  "global_batch": config.batch_size, "seed": config.seed,
                                  "schedule_steps": config.schedule_steps,
                                  "dataset": d.dataset}, table=scio.payload())
+      if faults.at("kill_in_save_at_step", at_step):
+        faults.kill()
 
     def read(pending):
       at_step, dev, extras = pending
@@ -280,54 +307,61 @@ def train(config, workdir: str) -> dict:
         writer.write(at_step, host)
       return host
 
-    while step < config.total_steps:
-      if step == config.debug.exit_at_step:  # fault hook: die like a killed process
-        os.kill(os.getpid(), signal.SIGKILL)
-      if scio.switch(examples_seen):  # a new pair table, from this epoch boundary on
-        batches = open_batches()
-      local = next(batches)
-      extras = {"data/skipped": float(np.sum(local["valid"] == 0)),
-                "data/index_digest": zlib.crc32(np.ascontiguousarray(local["index"]).tobytes())}
-      batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v)
-               for k, v in local.items()}
-      at = jnp.asarray(step, jnp.int32)
-      if compiled_step is None:
-        # Compiled ahead, then every process waits for the others: one that found the step in
-        # the persistent compilation cache would otherwise start its collectives while another
-        # still compiles, and CPU collectives (gloo) give up after 30 s.
-        compiled_step = step_fn.lower(state, batch, at).compile()
-        distributed.wait_for_all("klip_train_step_compiled")
-      state, metrics = compiled_step(state, batch, at)
-      step += 1
-      examples_seen += config.batch_size
+    try:
+      while step < config.total_steps:
+        if faults.at("kill_at_step", step):
+          faults.kill()
+        if scio.switch(examples_seen):  # a new pair table, from this epoch boundary on
+          batches = open_batches()
+        local = next(batches)
+        extras = {"data/skipped": float(np.sum(local["valid"] == 0)),
+                  "data/index_digest": zlib.crc32(np.ascontiguousarray(local["index"]).tobytes())}
+        batch = {k: jax.make_array_from_process_local_data(batch_sh[k], v)
+                 for k, v in local.items()}
+        at = jnp.asarray(step, jnp.int32)
+        if compiled_step is None:
+          # Compiled ahead, then every process waits for the others: one that found the step in
+          # the persistent compilation cache would otherwise start its collectives while another
+          # still compiles, and CPU collectives (gloo) give up after 30 s.
+          compiled_step = step_fn.lower(state, batch, at).compile()
+          distributed.wait_for_all("klip_train_step_compiled")
+        state, metrics = compiled_step(state, batch, at)
+        step += 1
+        examples_seen += config.batch_size
+        if pending is not None:
+          last_metrics = read(pending)
+        pending = (step, metrics, extras)
+        if scio.due(step):
+          result = scio.rescore(
+              scio_inference, state, step, examples_seen, wall_start,
+              after_chunk=faults.kill if faults.at("kill_in_pass_at_step", step) else None)
+          extras.update(result)
+          if is_main:
+            print(f"SCIO pass at step {step} (stage {int(result['scio/stage'])}, table v"
+                  f"{int(result['scio/table_version'])}): {int(result['scio/rescored'])} pairs, "
+                  f"flagged {result['scio/flag_rate']:.1%}, rewrote "
+                  f"{result['scio/rewrite_rate']:.1%}, mean score change "
+                  f"{result['scio/mean_score_change']:+.4f}, "
+                  f"{result['scio/pass_seconds']:.1f} s ({result['scio/wall_share']:.1%} of wall "
+                  "time)", flush=True)
+        if timed is None and step - first_step == 2:
+          timed = (step, time.time())  # exclude compilation from the throughput summary
+        if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
+            or stop["sigterm"]):
+          # The step's metrics row first: a kill after the save has committed loses no row.
+          last_metrics, pending = read(pending), None
+          save(step, examples_seen)
+        if stop["sigterm"]:  # arrived before or during the save above, which holds this step
+          print(f"SIGTERM: saving step {step} and exiting", flush=True)
+          break
       if pending is not None:
         last_metrics = read(pending)
-      pending = (step, metrics, extras)
-      if scio.due(step):
-        result = scio.rescore(
-            scio_inference, state, step, examples_seen, wall_start,
-            after_chunk=kill_in_pass if step == config.scio.exit_in_pass_at_step else None)
-        extras.update(result)
-        if is_main:
-          print(f"SCIO pass at step {step} (stage {int(result['scio/stage'])}, table v"
-                f"{int(result['scio/table_version'])}): {int(result['scio/rescored'])} pairs, "
-                f"flagged {result['scio/flag_rate']:.1%}, rewrote {result['scio/rewrite_rate']:.1%}"
-                f", mean score change {result['scio/mean_score_change']:+.4f}, "
-                f"{result['scio/pass_seconds']:.1f} s ({result['scio/wall_share']:.1%} of wall "
-                "time)", flush=True)
-      if timed is None and step - first_step == 2:
-        timed = (step, time.time())  # exclude compilation from the throughput summary
-      if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
-          or stop["sigterm"]):
-        # The step's metrics row first: a kill after the save has committed loses no row.
-        last_metrics, pending = read(pending), None
-        save(step, examples_seen)
-      if stop["sigterm"]:  # arrived before or during the save above, which holds this step
-        print(f"SIGTERM: saving step {step} and exiting", flush=True)
-        break
-    if pending is not None:
-      last_metrics = read(pending)
-    ckpt.wait()
+      ckpt.wait()
+    except (OSError, checkpoint_lib.SaveFailed) as e:
+      if not _no_space(e):
+        raise
+      writer.close(quiet=True)
+      raise DiskFull(workdir, step, e, checkpoint_lib.complete_steps(ckpt.directory)) from None
     ckpt.close()
     writer.close()
 
@@ -382,7 +416,13 @@ def main(argv):
   distributed.check_layout(_CONFIG.value.mesh, jax.device_count(), jax.process_count())
   if (hint := host_memory.advice(jax.default_backend())) and jax.process_index() == 0:
     absl_logging.warning(hint)
-  train(_CONFIG.value, _WORKDIR.value)
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except DiskFull as e:
+    # Exits at once: the interpreter's teardown would only have TensorBoard's and Orbax's
+    # writers report the full disk again, after this line.
+    print(f"KLIP run stopped: {e.strerror}", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

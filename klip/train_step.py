@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from klip import faults
 from klip import objectives
 from klip import optim
 
@@ -51,8 +52,8 @@ def make_train_step(config, graphdef):
                 else None)
     (loss, metrics), grads = loss_and_grads(ts.model, batch, rng, momentum)
     features = metrics.pop("_momentum_features", None)
-    if config.debug.nonfinite_at_step >= 0:  # fault hook for tests
-      loss = jnp.where(step == config.debug.nonfinite_at_step, jnp.nan, loss)
+    if (bad_step := faults.planned("nonfinite_loss_at_step")) is not None:
+      loss = jnp.where(step == bad_step, jnp.nan, loss)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt = ts.optimizer

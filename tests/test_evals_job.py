@@ -77,6 +77,61 @@ def test_checkpoint_that_fails_to_restore_is_retried(workdir, data_dir, capsys):
   assert job.evaluate(10) is not None and 10 in job.ledger
 
 
+def test_steps_the_run_no_longer_has_are_recorded_as_missed(workdir, data_dir):
+  checkpoints = os.path.join(workdir, "checkpoints")
+  shutil.rmtree(os.path.join(checkpoints, "5"))  # what rotation does before the job gets there
+  job = job_lib.Job(_fake_config(data_dir), workdir)
+  assert job.pending() == [10]
+  assert "checkpoint rotation" in job.ledger.missed[5] and '"keep": 3' in job.ledger.missed[5]
+  assert 5 in job.ledger and 5 not in job.ledger.done
+  job.evaluate(10)
+  index = open(os.path.join(workdir, "eval", "report.md")).read()
+  assert "Steps missed (1)" in index and "- 5: deleted by checkpoint rotation" in index
+  # a restarted job reads the missed step from the ledger and has nothing to do
+  again = job_lib.Job(_fake_config(data_dir), workdir)
+  assert again.pending() == [] and list(again.ledger.missed) == [5]
+  # a step the trainer set aside as damaged is missed with that reason
+  aside = os.path.join(workdir, "checkpoints_skipped")
+  os.makedirs(aside)
+  os.rename(os.path.join(checkpoints, "10"), os.path.join(aside, "10"))
+  shutil.rmtree(os.path.join(workdir, "eval"))
+  third = job_lib.Job(_fake_config(data_dir), workdir)
+  assert third.pending() == []
+  assert third.ledger.missed[10].startswith("set aside as damaged")
+
+
+def test_a_step_deleted_while_it_restores_is_missed_not_retried(workdir, data_dir, monkeypatch,
+                                                                capsys):
+  def restore_as_rotation_deletes(wd, step, **kwargs):
+    del kwargs
+    shutil.rmtree(os.path.join(wd, "checkpoints", str(step)))
+    raise FileNotFoundError(f"{wd}/checkpoints/{step}/state")
+  monkeypatch.setattr(job_lib.Predictor, "restore", restore_as_rotation_deletes)
+  job = job_lib.Job(_fake_config(data_dir), workdir)
+  assert job.evaluate(5) is None
+  assert "deleted while the job restored it" in job.ledger.missed[5]
+  assert "retried" not in capsys.readouterr().out and not job.restore_failures
+
+
+def _once(workdir, data_dir):
+  return subprocess.run(
+      [sys.executable, "-m", "evals.run", "--config=tests/eval_fake_config.py",
+       f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--once"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_once_exits_1_when_there_is_nothing_it_could_evaluate(workdir, data_dir, tmp_path):
+  not_a_run = _once(tmp_path / "nothing", data_dir)
+  assert not_a_run.returncode == 1, not_a_run.stdout + not_a_run.stderr
+  assert "is not a KLIP training workdir (no config.json)" in not_a_run.stderr
+  for step in ("5", "10"):  # every step fails to restore
+    os.rename(os.path.join(workdir, "checkpoints", step, "state"),
+              os.path.join(workdir, "checkpoints", step, "state.bak"))
+  broken = _once(workdir, data_dir)
+  assert broken.returncode == 1, broken.stdout + broken.stderr
+  assert "2 step(s) did not restore" in broken.stderr
+
+
 def test_failing_and_skipped_evaluators_do_not_stop_the_others(workdir, data_dir):
   c = _fake_config(data_dir, ok={"type": FAKE}, broken={"type": FAKE, "behaviour": "raise"},
                    absent={"type": FAKE, "data": "nowhere"})
@@ -175,6 +230,38 @@ def test_watches_a_run_while_it_trains(data_dir, tmp_path):
   with open(os.path.join(workdir, "eval", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert sorted(steps) == [5, 10, 15, 20]  # each step once
+
+
+@pytest.mark.slow
+def test_a_watcher_that_falls_behind_keeps_the_preserved_steps_and_names_the_missed(
+    data_dir, tmp_path):
+  """Saved every step with keep=1: the steps divisible by keep_period survive for the
+  watcher, which was started before the run had a config.json; every other step is evaluated
+  or recorded as missed, never silently lost."""
+  workdir = str(tmp_path / "fast")
+  watcher = subprocess.Popen(
+      [sys.executable, "-m", "evals.run", "--config=tests/eval_fake_config.py",
+       f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.poll_seconds=1"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  time.sleep(2)
+  train = subprocess.run(
+      [sys.executable, "-m", "klip.train", "--config=configs/pretrain.py:smoke",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.total_steps=20",
+       "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=1",
+       "--config.checkpoint.keep_period=5"], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+  out, _ = watcher.communicate(timeout=600)
+  assert watcher.returncode == 0, out[-3000:]
+  assert "waiting for the run to start" in out and "the run's last" in out
+  with open(os.path.join(workdir, "eval", "ledger.json")) as f:
+    ledger = json.load(f)
+  done, missed = set(map(int, ledger["done"])), set(map(int, ledger["missed"]))
+  assert {5, 10, 15, 20} <= done
+  assert done | missed == set(range(1, 21)) and not done & missed
+  # deleted before the watcher looked, or while it restored the step
+  assert all("rotation" in why or "deleted while the job restored it" in why
+             for why in ledger["missed"].values()), ledger["missed"]
 
 
 def test_a_rerun_of_one_evaluator_replaces_only_its_metrics(workdir, data_dir):

@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -15,7 +12,6 @@ from flax import nnx
 from conftest import smoke_config
 from klip import checkpoint as checkpoint_lib
 from klip import inference
-from klip import metrics_writer
 from klip import sharding
 from klip import train_state
 from klip.data import dataset as dataset_lib
@@ -28,10 +24,9 @@ from klip.scio import schedule
 from klip.scio import table as table_lib
 from klip.scio import values as values_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
             reconstruct_from_fraction=0.5, margin_cosine=0.0, margin_match=0.0,
-            weight_floor=0.5, max_span=6, initial_table="", exit_in_pass_at_step=-1)
+            weight_floor=0.5, max_span=6, initial_table="")
 
 
 @pytest.fixture(scope="module")
@@ -401,49 +396,3 @@ def test_rescoring_pass_sharded_equals_unsharded(source, tok, data_dir):
   np.testing.assert_allclose(one[2].scores, eight[2].scores, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(one[3].rows, np.arange(32))
   assert np.all(one[2].scored_version[:32] == 1)
-
-
-# ----- trainer: metrics, table in the checkpoint, kill inside a pass and resume ------------------
-def _run_cli(workdir, data_dir, *overrides):
-  scio = [f"--config.scio.{k}={v}" for k, v in SCIO.items() if k != "initial_table"]
-  return subprocess.run(
-      [sys.executable, "-m", "klip.train", "--config=configs/pretrain.py:smoke",
-       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *scio, *overrides],
-      cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
-      timeout=900)
-
-
-def _final(workdir):
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
-  step = ckpt.latest_step()
-  table = ckpt.restore_table(step)
-  ckpt.close()
-  return checkpoint_lib.read_params(workdir), table
-
-
-@pytest.mark.slow
-def test_killed_in_a_rescoring_pass_and_resumed_equals_uninterrupted(data_dir, tmp_path):
-  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
-  # the reconstruct passes (steps 12-20) also rank the value pool's candidates with the decoder
-  common = ["--config.total_steps=20", "--config.checkpoint.every_steps=5",
-            "--config.scio.fill_candidates=4"]
-  out = _run_cli(straight, data_dir, *common)
-  assert out.returncode == 0, out.stderr[-3000:]
-  out = _run_cli(broken, data_dir, *common, "--config.scio.exit_in_pass_at_step=12")
-  assert out.returncode == -9, (out.returncode, out.stderr[-3000:])  # SIGKILL inside the pass
-  out = _run_cli(broken, data_dir, *common)
-  assert out.returncode == 0, out.stderr[-3000:]
-  (pa, ta), (pb, tb) = _final(straight), _final(broken)
-  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-    np.testing.assert_array_equal(x, y)  # bitwise
-  assert ta == tb and ta["active"]["version"] >= 1  # a table switched at an epoch boundary
-  rows = metrics_writer.read(os.path.join(straight, "metrics.jsonl"))
-  passes = [r for r in rows if "scio/pass_seconds" in r]
-  assert [r["step"] for r in passes] == [4, 8, 12, 16, 20]
-  assert {r["scio/stage"] for r in passes} == {1.0, 2.0}
-  for key in ("scio/flag_rate", "scio/rewrite_rate", "scio/mean_score_change",
-              "scio/wall_share", "contrast/loss", "match/loss", "reconstruct/loss"):
-    assert all(np.isfinite(r[key]) for r in passes), key
-  rb = metrics_writer.read(os.path.join(broken, "metrics.jsonl"))
-  assert [r["loss"] for r in rows] == [r["loss"] for r in rb]
-  assert [r.get("scio/flag_rate") for r in rows] == [r.get("scio/flag_rate") for r in rb]
