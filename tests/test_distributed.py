@@ -16,6 +16,7 @@ from flax import nnx
 from conftest import smoke_config
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
+from klip import faults
 from klip import sharding
 from klip import train_state
 
@@ -159,18 +160,23 @@ def _one_process(workdir, data_dir, *overrides):
   return out.stdout
 
 
-def _two_processes(workdir, data_dir, log_dir, *overrides):
-  """Runs launch/local.sh with 2 processes x 2 CPU devices; returns the processes' logs."""
+def _two_processes(workdir, data_dir, log_dir, *overrides, fault=None):
+  """Runs launch/local.sh with 2 processes x 2 CPU devices; returns the processes' logs. With
+  a `fault` (klip/faults.py) planted in both, the launcher must report that it gave up."""
+  env = _env()
+  if fault:
+    env[faults.ENV] = fault
   out = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "--num_processes=2",
                         "--devices_per_process=2", f"--log_dir={log_dir}",
                         f"--python={sys.executable}", "--",
                         *_train_args(workdir, data_dir, *overrides)],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   logs = []
   for i in range(2):
     with open(os.path.join(log_dir, f"process_{i}.log")) as f:
       logs.append(f.read())
-  assert out.returncode == 0, out.stderr + "\n".join(log[-3000:] for log in logs)
+  expected = 1 if fault else 0
+  assert out.returncode == expected, out.stderr + "\n".join(log[-3000:] for log in logs)
   return logs
 
 
@@ -262,7 +268,8 @@ def _table(workdir, step):
 def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
   """SCIO on (passes at steps 6 and 9: proofread, then reconstruct with the value pool's
   candidates): 2 processes x 2 devices rescore their shares of each chunk and reach the same
-  pair tables and parameters as 1 process x 4 devices."""
+  pair tables and parameters as 1 process x 4 devices, and a 2-process run killed inside a
+  pass resumes to the uninterrupted one's."""
   scio = ("--config.scio.enabled=True", "--config.scio.every_steps=3",
           "--config.scio.fill_candidates=4")
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -292,6 +299,20 @@ def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
   for x, y in zip(jax.tree.leaves(checkpoint_lib.read_params(two)),
                   jax.tree.leaves(checkpoint_lib.read_params(one))):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+  # Both processes SIGKILLed inside the pass of step 9 (after its first chunk); the same
+  # command resumes from step 5 and ends where the uninterrupted 2-process run ended.
+  killed = str(tmp_path / "killed")
+  os.makedirs(killed)
+  shutil.copy(os.path.join(one, "tokenizer.model"), killed)
+  _two_processes(killed, data_dir, str(tmp_path / "killed_logs"), *scio,
+                 fault="kill_in_pass_at_step=9")
+  logs = _two_processes(killed, data_dir, str(tmp_path / "resumed_logs"), *scio)
+  assert "resumed from step 5" in logs[0] and "resumed from step 5" in logs[1]
+  assert _table(killed, 10) == _table(two, 10)
+  for x, y in zip(jax.tree.leaves(checkpoint_lib.read_params(killed)),
+                  jax.tree.leaves(checkpoint_lib.read_params(two))):
+    np.testing.assert_array_equal(x, y)
+  assert _losses(killed) == _losses(two)
 
 
 EVALS = "zeroshot_category,probe_category,retrieval,captioning,vqa"
