@@ -72,10 +72,13 @@ def test_encode_caption_skip_leaves_out_exactly_one_clause(source, tok, k):
     tok.encode_caption(st, 160, skip=8)
 
 
-@pytest.mark.parametrize("max_len", [1000, 90, 40])
+@pytest.mark.parametrize("max_len", [5000, 1000, 90, 40])
 def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok, max_len):
   st = schema.structured_text(source[3])
   ids, clause, texts = rescore.caption_texts(tok, st, max_len)
+  want_ids, want_clause = tok.encode_caption(st, max_len)  # the caption at max_len
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(clause, want_clause)
   np.testing.assert_array_equal(texts[0], ids)
   used = int(np.sum(ids != tokenizer_lib.PAD))
   for k in range(8):
@@ -83,7 +86,7 @@ def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok,
     if not np.any(clause == k):  # cut off entirely: cannot be judged
       np.testing.assert_array_equal(variant, ids)
       continue
-    if max_len == 1000:  # nothing cut: the caption encoded without clause k
+    if max_len >= 1000:  # nothing cut: the caption encoded without clause k
       np.testing.assert_array_equal(variant, tok.encode_caption(st, max_len, skip=k)[0])
     # the full caption's own tokens less clause k's: no clause comes back from truncation
     kept = variant[variant != tokenizer_lib.PAD]

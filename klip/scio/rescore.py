@@ -34,7 +34,7 @@ from klip import predict
 from klip.data import chip as chip_lib
 from klip.data import schema
 from klip.data import text as text_lib
-from klip.data.tokenizer import DEC, PAD
+from klip.data.tokenizer import DEC, PAD, TEMPLATE
 from klip.scio import table as table_lib
 from klip.scio import values as values_lib
 
@@ -160,7 +160,9 @@ def caption_texts(tokenizer, st: text_lib.StructuredText, max_len: int):
   # than clauses)
   whole, whole_clause = tokenizer.encode_caption(st, 1 + 4 * len(st.caption) + len(names))
   used = min(int(np.sum(whole != PAD)), max_len)
-  ids, clause = tokenizer.encode_caption(st, max_len)
+  extra = max(0, max_len - whole.size)  # the max_len encoding is this one's prefix
+  ids = np.pad(whole[:max_len], (0, extra), constant_values=PAD)
+  clause = np.pad(whole_clause[:max_len], (0, extra), constant_values=TEMPLATE)
   last = lambda k: int(np.flatnonzero(whole_clause == k)[-1])
   texts = [ids]
   for k in range(len(names)):
