@@ -40,10 +40,11 @@ def clause_tokens_len(config) -> int:
 
 
 def total(model, batch, rng, config, momentum=None):
-  """Returns (weighted total loss, metrics).
+  """Returns (weighted total loss, (metrics, momentum features)).
 
   momentum: None, or (momentum model, (image queue, text queue)) when loss.momentum.enabled;
-  then metrics also carry the momentum features under "_momentum_features" for the enqueue.
+  the momentum model's (image, text) features of the batch are then returned for the enqueue
+  (None without momentum).
   """
   cfg = config.loss
   weights = batch["weight"]
@@ -53,7 +54,7 @@ def total(model, batch, rng, config, momentum=None):
   states = model.text_states(tokens)  # the text-only blocks run once per text
   ztxt = model.embed_text_states(states)
   scale = model.temperature_scale()
-  metrics = {}
+  metrics, features_m = {}, None
 
   # ----- contrast -----
   if momentum is not None:
@@ -61,7 +62,6 @@ def total(model, batch, rng, config, momentum=None):
     features_m, targets = momentum_targets(momentum_model, batch, queues, scale,
                                            cfg.momentum.alpha)
     contrast, m = losses.queue_contrastive(zimg, ztxt, *queues, scale, weights, targets)
-    metrics["_momentum_features"] = features_m
   elif cfg.contrast_type == "sigmoid":
     contrast, m = losses.sigmoid_contrastive(zimg, ztxt, scale, model.logit_bias[...], weights)
   else:
@@ -106,4 +106,4 @@ def total(model, batch, rng, config, momentum=None):
     total_loss += cfg.reconstruct_weight * recon
 
   metrics["loss"] = total_loss
-  return total_loss, metrics
+  return total_loss, (metrics, features_m)

@@ -35,8 +35,7 @@ def make_train_step(config, graphdef):
                          batch)
 
     def body(carry, mb):
-      (loss, metrics), grads = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
+      return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
 
     zero = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
@@ -50,8 +49,7 @@ def make_train_step(config, graphdef):
     rng = jax.random.fold_in(base_key, step)
     momentum = ((ts.momentum, (ts.image_queue[...], ts.text_queue[...])) if mcfg.enabled
                 else None)
-    (loss, metrics), grads = loss_and_grads(ts.model, batch, rng, momentum)
-    features = metrics.pop("_momentum_features", None)
+    (loss, (metrics, features)), grads = loss_and_grads(ts.model, batch, rng, momentum)
     if (bad_step := faults.planned("nonfinite_loss_at_step")) is not None:
       loss = jnp.where(step == bad_step, jnp.nan, loss)
     grad_norm = optax.global_norm(grads)

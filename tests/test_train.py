@@ -15,6 +15,7 @@ from flax.core import spmd as core_spmd
 from conftest import smoke_config
 from klip import faults
 from klip import objectives
+from klip import predict
 from klip import metrics_writer
 from klip import provenance
 from klip import sharding
@@ -212,6 +213,30 @@ def test_nonfinite_step_leaves_the_whole_state_unchanged(data_dir, monkeypatch):
   assert any("model" in k and "kernel" in k for k in moved), sorted(moved)
   changed = {k for k in s1 if not np.array_equal(s1[k], s2[k])}
   assert changed == {k for k in s1 if "nonfinite" in k}, sorted(changed)
+
+
+def test_momentum_step_enqueues_the_momentum_features(data_dir):
+  """The momentum encoders' features of the batch come back from the objective by name and
+  fill the next queue rows."""
+  from klip import train_step  # pylint: disable=g-import-not-at-top
+  config = smoke_config(data_dir, **{"loss.momentum.enabled": True,
+                                     "loss.momentum.queue_size": 16})
+  mesh = sharding.make_mesh(dict(slice=1, data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  rules = config.sharding_rules
+  graphdef, state, _ = train_state.create(config, mesh, rules)
+  batch, b = _random_batch(config), config.batch_size
+  with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
+    before = nnx.merge(graphdef, state)
+    queue0 = np.asarray(before.image_queue[...])
+    # at step 0 the momentum encoders are the model's initial copy
+    want = np.asarray(predict.embed_images(before.momentum, batch["image"])[0])
+    step_fn = jax.jit(train_step.make_train_step(config, graphdef))
+    state, metrics = step_fn(state, batch, 0)
+  ts = nnx.merge(graphdef, state)
+  assert int(ts.queue_ptr[...]) == b and np.isfinite(float(metrics["loss"]))
+  queue = np.asarray(ts.image_queue[...])
+  np.testing.assert_allclose(queue[:b], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(queue[b:], queue0[b:])
 
 
 def _final_params(workdir):
