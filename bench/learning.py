@@ -97,7 +97,7 @@ from evals import captioning  # pylint: disable=g-import-not-at-top
 from evals import data as data_lib  # pylint: disable=g-import-not-at-top
 from evals import zeroshot  # pylint: disable=g-import-not-at-top
 from evals.artifacts import Artifacts  # pylint: disable=g-import-not-at-top
-from evals.predictor import Predictor, run_config  # pylint: disable=g-import-not-at-top
+from evals.predictor import Predictor  # pylint: disable=g-import-not-at-top
 from klip import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
 from klip import host_memory  # pylint: disable=g-import-not-at-top
 from klip import metrics_writer  # pylint: disable=g-import-not-at-top
@@ -161,7 +161,7 @@ def pretrain(variant: str, workdir: str, data_dir: str = "") -> float:
   data_dir = data_dir or config.data.data_dir
   existing = os.path.join(workdir, "config.json")
   if os.path.exists(existing):
-    recorded = run_config(workdir)
+    recorded = provenance.read_config(workdir)
     if recorded.get("variant") != variant:
       raise SystemExit(f"{workdir} holds a {recorded.get('variant')!r} run, not {variant!r}: "
                        "use another --workdir")
@@ -248,7 +248,7 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
   if not os.path.isdir(workdir):
     raise SystemExit(f"{workdir} does not exist: give --variant=tiny (or another) to train "
                      "it first")
-  run_cfg = run_config(workdir)
+  run_cfg = provenance.read_config(workdir)
   step = step or latest_step(workdir)
   if ceiling_seconds < 0:
     budget, budget_how = pretrain_seconds(workdir)

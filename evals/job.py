@@ -19,10 +19,11 @@ from evals import artifacts as artifacts_lib
 from evals import data as data_lib
 from evals import ledger as ledger_lib
 from evals import report as report_lib
-from evals.predictor import Predictor, run_config
+from evals.predictor import Predictor
 from klip import checkpoint as checkpoint_lib
 from klip import faults
 from klip import inference as inference_lib
+from klip import provenance
 from klip import sharding
 from klip.data import dataset as dataset_lib
 
@@ -116,7 +117,7 @@ class Job:
     `checkpoint.every_steps` below its newest finished step, deleted by checkpoint rotation."""
     if not self.started():
       return []
-    cfg = run_config(self.workdir).checkpoint
+    cfg = provenance.read_config(self.workdir).checkpoint
     settled = set(finished) | set(self.ledger.done) | set(self.ledger.missed)
     aside = checkpoint_lib.set_aside_dir(self.checkpoints)
     out = {s: f"set aside as damaged by the trainer ({aside}/{s})"
@@ -206,7 +207,7 @@ class Job:
     self._tb.flush()
 
   def last_step(self) -> int:
-    return int(run_config(self.workdir).total_steps)
+    return int(provenance.read_config(self.workdir).total_steps)
 
   def close(self) -> None:
     if self._tb is not None:

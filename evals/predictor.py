@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -27,6 +26,7 @@ from flax import nnx
 from klip import checkpoint as checkpoint_lib
 from klip import inference as inference_lib
 from klip import predict
+from klip import provenance
 from klip import sharding
 from klip.data import pipeline
 from klip.data import schema
@@ -40,15 +40,6 @@ class ImageFeatures(NamedTuple):
   embedding: np.ndarray  # [N, E] unit vectors in the shared image-text space
   pooled: np.ndarray     # [N, W] the CLS token before projection (linear probe / k-NN)
   patches: np.ndarray    # [N, gh, gw, W] patch tokens on the patch grid (dense heads)
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The training config recorded in WORKDIR/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a KLIP training workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)["config"])
 
 
 @dataclasses.dataclass
@@ -72,7 +63,7 @@ class Predictor:
   @classmethod
   def restore(cls, workdir: str, step: int, *, mesh: jax.sharding.Mesh,
               batch_size: int = 64) -> Predictor:
-    config = run_config(workdir)
+    config = provenance.read_config(workdir)
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
     with nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(lambda: two_tower.Model(config.model, rngs=nnx.Rngs(0)))

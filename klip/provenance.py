@@ -8,6 +8,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+import ml_collections
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "array_record",
              "tensorflow-datasets", "sentencepiece", "ml-collections", "numpy")
 
@@ -36,6 +38,45 @@ def _versions() -> dict[str, str]:
     except metadata.PackageNotFoundError:
       out[p] = "not installed"
   return out
+
+
+# Config fields added after runs were recorded without them, each with the value such a run had
+# in effect. `migrated` fills them in, so an old config.json reads as today's schema and the
+# model and SCIO code read every field directly: a misspelt field fails where it is read.
+_ADDED = (
+    ("model.text.fusion_layers", lambda c: c["model"]["text"]["depth"]),
+    ("model.decoder", lambda c: {"depth": c["model"]["text"]["depth"]}),
+    ("model.attention", lambda c: "auto"),
+    ("model.stem", lambda c: "patch"),
+    ("scio.fill_candidates", lambda c: 0),
+    ("checkpoint.keep_period", lambda c: 0),
+)
+
+
+def migrated(config: dict) -> dict:
+  """A recorded config (the JSON of config.json) with the fields of `_ADDED` it lacks filled
+  in; `config` is left as it is."""
+  out = json.loads(json.dumps(config))
+  for dotted, value in _ADDED:
+    *parents, leaf = dotted.split(".")
+    node = out
+    for key in parents:
+      node = node.get(key)
+      if not isinstance(node, dict):
+        break
+    else:
+      if leaf not in node:
+        node[leaf] = value(out)
+  return out
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The training config recorded in WORKDIR/config.json, in today's schema (`migrated`)."""
+  previous = _previous(workdir)
+  if previous is None:
+    raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} not found: {workdir} is "
+                            "not a KLIP training workdir")
+  return ml_collections.ConfigDict(migrated(previous["config"]))
 
 
 def _previous(workdir: str) -> dict | None:

@@ -29,3 +29,26 @@ def test_max_len_holds_whole_captions(variant, captions, tmp_path):
   cut = float(np.mean(lengths > c.model.text.max_len))
   assert cut <= 0.01, (f"{variant}: max_len {c.model.text.max_len} cuts {cut:.0%} of captions "
                        f"(longest {lengths.max()} tokens)")
+
+
+def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
+  """Runs recorded before fusion_layers, decoder, attention, stem, fill_candidates and
+  keep_period existed read with the values they ran with, so model and SCIO code read every
+  field directly (a misspelt one fails where it is read)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from klip import provenance  # pylint: disable=g-import-not-at-top
+  today = json.loads(pretrain.get_config("smoke").to_json())
+  old = json.loads(json.dumps(today))
+  del old["model"]["text"]["fusion_layers"], old["model"]["decoder"]
+  del old["model"]["attention"], old["model"]["stem"]
+  del old["scio"]["fill_candidates"], old["checkpoint"]["keep_period"]
+  (tmp_path / "config.json").write_text(json.dumps({"config": old, "history": []}))
+  read = provenance.read_config(str(tmp_path))
+  assert read.model.text.fusion_layers == read.model.decoder.depth == old["model"]["text"]["depth"]
+  assert (read.model.attention, read.model.stem) == ("auto", "patch")
+  assert read.scio.fill_candidates == 0 and read.checkpoint.keep_period == 0
+  assert json.loads(read.model.to_json()) == today["model"]  # smoke's model is the defaults'
+  with pytest.raises(AttributeError):
+    read.model.stme  # pylint: disable=pointless-statement
+  with pytest.raises(FileNotFoundError, match="not a KLIP training workdir"):
+    provenance.read_config(str(tmp_path / "nothing"))

@@ -21,7 +21,9 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
       image_size=16, patch_size=8, channels=2,
       vit=dict(width=32, depth=2, heads=4, mlp_dim=64),
-      text=dict(vocab_size=50, max_len=12, width=32, depth=2, heads=4, mlp_dim=64, pad_id=0),
+      text=dict(vocab_size=50, max_len=12, width=32, depth=2, heads=4, mlp_dim=64, pad_id=0,
+                fusion_layers=2),
+      decoder=dict(depth=2), stem="patch", attention="auto",
       embed_dim=16, temperature_init=0.07, dtype="float32",
       scan_layers=False, remat_policy="none"))
   config.update(overrides)
@@ -33,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=224, patch_size=16, channels=2,
       vit=dict(width=768, depth=12, heads=12, mlp_dim=3072),
       text=dict(vocab_size=32000, max_len=128, width=768, depth=12, heads=12, mlp_dim=3072,
-                pad_id=0),
+                pad_id=0, fusion_layers=12),
+      decoder=dict(depth=12), stem="patch", attention="auto",
       embed_dim=256, temperature_init=0.07, dtype="bfloat16",
       scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"))
 

@@ -26,7 +26,7 @@ from klip.scio import values as values_lib
 
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
             reconstruct_from_fraction=0.5, margin_cosine=0.0, margin_match=0.0,
-            weight_floor=0.5, max_span=6, initial_table="")
+            weight_floor=0.5, max_span=6, fill_candidates=0, initial_table="")
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,18 @@ EMBED_INIT = nnx.initializers.normal(stddev=0.02)
 
 
 def fusion_layers(config) -> int:
-  """`text.fusion_layers`: top blocks of the text tower with cross-attention (default: all;
-  0: no fusion path)."""
+  """`text.fusion_layers`: top blocks of the text tower with cross-attention (0: no fusion
+  path)."""
   depth = int(config.text.depth)
-  n = int(config.text.get("fusion_layers", depth))
+  n = int(config.text.fusion_layers)
   if not 0 <= n <= depth:
     raise ValueError(f"text.fusion_layers must be in [0, text.depth={depth}], got {n}")
   return n
 
 
 def decoder_depth(config) -> int:
-  """`decoder.depth` (default: the text tower's depth; 0: no decoder, nothing to reconstruct)."""
-  decoder = config.get("decoder")
-  depth = int(decoder.get("depth", config.text.depth) if decoder else config.text.depth)
+  """`decoder.depth` (0: no decoder, nothing to reconstruct)."""
+  depth = int(config.decoder.depth)
   if depth < 0:
     raise ValueError(f"decoder.depth must be >= 0, got {depth}")
   return depth
@@ -46,7 +45,7 @@ def _stack(config, depth: int, cross: bool, *, rngs: nnx.Rngs) -> Encoder:
   return Encoder(depth, text.width, text.heads, text.mlp_dim,
                  cross_width=config.vit.width if cross else None, scan=config.scan_layers,
                  remat_policy=config.remat_policy, dtype=jnp.dtype(config.dtype),
-                 attention=config.get("attention", "auto"), rngs=rngs)
+                 attention=config.attention, rngs=rngs)
 
 
 class TextStates(NamedTuple):

@@ -98,7 +98,7 @@ class ViT(nnx.Module):
     self.channels = config.channels
     self.dtype = jnp.dtype(config.dtype)
     vit = config.vit
-    self.stem = config.get("stem", "patch")  # configs written before the conv stem: "patch"
+    self.stem = config.stem
     if self.stem not in STEMS:
       raise ValueError(f"model.stem must be one of {STEMS}, got {self.stem!r}")
     if self.stem == "conv":
@@ -117,7 +117,7 @@ class ViT(nnx.Module):
         param(POSEMB_INIT, ("length", "embed"))(rngs.params(), (self.grid ** 2, vit.width)))
     self.encoder = Encoder(vit.depth, vit.width, vit.heads, vit.mlp_dim,
                            scan=config.scan_layers, remat_policy=config.remat_policy,
-                           dtype=self.dtype, attention=config.get("attention", "auto"),
+                           dtype=self.dtype, attention=config.attention,
                            rngs=rngs)
     self.norm = layer_norm(vit.width, self.dtype, rngs)
 

@@ -271,7 +271,7 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
   decisions are exchanged at the end, so every process returns the same table. A pair whose
   image does not decode or whose caption is malformed is skipped, counted and logged.
   """
-  n_values = int(cfg.get("fill_candidates", 0))
+  n_values = int(cfg.fill_candidates)
   if stage == Stage.RECONSTRUCT and n_values and (rank is None or pool is None):
     raise ValueError(f"scio.fill_candidates={n_values} needs the decoder's ranking function "
                      "and the value pool")

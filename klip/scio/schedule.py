@@ -101,7 +101,7 @@ class Controller:
     # asynchronous); their time is training's, not the pass's.
     jax.block_until_ready(state)
     start = time.time()
-    if stage == rescore.Stage.RECONSTRUCT and self._cfg.get("fill_candidates", 0) and \
+    if stage == rescore.Stage.RECONSTRUCT and self._cfg.fill_candidates and \
         self._pool is None:
       self._pool = values_lib.ValuePool.from_source(self._source)
     scorer = rescore.ModelScorer(inference, state, max_span=self._cfg.max_span)
