@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     t2 = time.perf_counter()
     preprocess.image(db, rng)
     t3 = time.perf_counter()
-    st, skip, _ = view.apply(int(i), table_lib.example_id(record), schema.structured_text(record))
+    st, skip, _ = view.apply(int(i), schema.example_id(record), schema.structured_text(record))
     tok_obj.encode_caption(st, config.model.text.max_len, skip=skip)
     t4 = time.perf_counter()
     for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

@@ -46,7 +46,7 @@ def captions(data_dir: str, dataset: str, split: str):
   source = dataset_lib.source(data_dir, dataset, split)
   records = [source[i] for i in range(len(source))]
   return ([schema.structured_text(r) for r in records],
-          tuple(table_lib.example_id(r) for r in records))
+          tuple(schema.example_id(r) for r in records))
 
 
 def plant(texts, ids, dataset: str, rate: float, seed: int):

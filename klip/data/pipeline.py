@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Protocol
 
 import grain
 import numpy as np
@@ -23,7 +24,6 @@ from klip.data import negatives as negatives_lib
 from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
-from klip.scio import table as table_lib
 
 _LOGGED_ERRORS = 5
 
@@ -49,6 +49,14 @@ class SafeSource:
       return index, None
 
 
+class Overrides(Protocol):
+  """What the pipeline asks of per-example overrides of the text and weight."""
+
+  def apply(self, index: int, record_id: str, st: text_lib.StructuredText
+            ) -> tuple[text_lib.StructuredText, int, float]:
+    """(structured text, clause to leave out or -1, pair weight) of record `index`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.RandomMap):
   """One record -> model inputs. Holds only plain values so it pickles to worker processes."""
@@ -72,9 +80,10 @@ class Preprocess(grain.transforms.RandomMap):
   # `clause_tokens` [clause_len], one of its observable clauses (template prefix + value, the
   # form of a zero-shot prompt) drawn at random; 0: none.
   clause_len: int = 0
-  # SCIO's pair table: rewritten values, a dropped clause (left out of the tokens) and the
-  # pair's weight; a record whose id the table does not expect stops the run.
-  table: table_lib.TableView | None = None
+  # Per-example overrides (the view of SCIO's pair table): rewritten values, a
+  # dropped clause (left out of the tokens) and the pair's weight; a record whose id the
+  # overrides do not expect raises schema.RecordMismatch and stops the run.
+  table: Overrides | None = None
   # Clause-swap negatives (`loss.clause_negatives`): each example also carries `swap_tokens`,
   # its caption with one observable value swapped, and `has_swap` (0 where none could be made).
   negatives: negatives_lib.ValuePool | None = None
@@ -89,7 +98,7 @@ class Preprocess(grain.transforms.RandomMap):
       if record is None:
         raise ValueError("unreadable record")
       return self._example(index, record, rng)
-    except table_lib.TableMismatchError:
+    except schema.RecordMismatch:
       raise
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("record %d skipped: %r", index, e)
@@ -106,7 +115,7 @@ class Preprocess(grain.transforms.RandomMap):
     image = self.image(schema.decode_image(record), rng)
     st, skip, weight = schema.structured_text(record), -1, 1.0
     if self.table is not None:
-      st, skip, weight = self.table.apply(index, table_lib.example_id(record), st)
+      st, skip, weight = self.table.apply(index, schema.example_id(record), st)
     if self.train and self.flip_p and rng.random() < self.flip_p:
       image, st = image[::-1].copy(), text_lib.flip_vertical(st)
     tokens, clause = self._tokenizer().encode_caption(st, self.max_len, skip=skip)

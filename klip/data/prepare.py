@@ -32,6 +32,11 @@ from absl import flags
 
 from klip.data import report as report_lib
 
+# The text generator: the layer above this one (klip/hcot writes text from chips, so it
+# imports klip.data), named here and loaded by name so that data imports nothing above it.
+# Builders take any object with `generate(chip)`; the report, one with `check`.
+GENERATOR = "klip.hcot.generator"
+
 _DATASET = flags.DEFINE_string("dataset", "synthetic",
                                "Builder module in klip.data.builders: synthetic, opensarship, "
                                "mstar, manifest, hrsid, polsf.")
@@ -61,19 +66,16 @@ _DEPRESSION = flags.DEFINE_float("depression_deg", 17.0,
 
 
 def make_generator(backend: str, data_dir: str, **llm_options):
-  """The HCoT generator for `backend` ("rules", or "llm" with its server options)."""
-  from klip.hcot import generator  # pylint: disable=g-import-not-at-top
-  options = {}
-  if backend == "llm":
-    if not llm_options.get("model"):
-      raise app.UsageError("--backend=llm needs --llm_model (the model the server serves)")
-    options = dict(llm_options)
-    options["cache_dir"] = options.get("cache_dir") or os.path.join(data_dir, ".hcot_cache")
-  return generator.Generator(generator.make_backend(backend, **options))
+  """The text generator of `backend`, from GENERATOR (see there)."""
+  try:
+    return importlib.import_module(GENERATOR).for_backend(backend, data_dir, **llm_options)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def prepare(dataset: str, data_dir: str, *, generator, **options):
-  """Builds (or reuses) a dataset; returns (builder, report)."""
+  """Builds (or reuses) a dataset; returns (builder, report). `generator`: the text generator
+  (`generate(chip)` for the builders, `check(chip, family, values)` for the report)."""
   try:
     module = importlib.import_module(f"klip.data.builders.{dataset}")
   except ModuleNotFoundError as e:
@@ -82,7 +84,8 @@ def prepare(dataset: str, data_dir: str, *, generator, **options):
   start = time.time()
   builder.download_and_prepare()
   skipped = [(s.path, s.reason) for s in getattr(builder, "skipped", ())]
-  report = report_lib.build_report(builder, time.time() - start, skipped=skipped)
+  report = report_lib.build_report(builder, time.time() - start, check=generator.check,
+                                   skipped=skipped)
   report_lib.write(report)
   return builder, report
 

@@ -22,9 +22,10 @@ _EXAMPLES = 20
 _WORD = re.compile(r"[a-z0-9][a-z0-9.'-]*")
 
 
-def build_report(builder, seconds: float, skipped=(), seed: int = 0) -> dict:
-  """Summarises a prepared TFDS builder. `skipped`: (path, reason) pairs of the build."""
-  from klip.hcot import consistency  # pylint: disable=g-import-not-at-top
+def build_report(builder, seconds: float, *, check, skipped=(), seed: int = 0) -> dict:
+  """Summarises a prepared TFDS builder. `check(chip, family, values)`: the text generator's
+  consistency violations of a record's fields (objects with `field` and `reason`);
+  `skipped`: (path, reason) pairs of the build."""
   report = {"dataset": f"{builder.name}/{builder.builder_config.name}",
             "path": os.fspath(builder.data_dir), "build_seconds": round(seconds, 1),
             "splits": {}, "skipped": [{"path": p, "reason": r} for p, r in skipped]}
@@ -46,7 +47,7 @@ def build_report(builder, seconds: float, skipped=(), seed: int = 0) -> dict:
       words.update(_WORD.findall(st.caption.lower()))
       generic = set(map(schema.text_of, r["text_generic"]))
       uncertain = set(map(schema.text_of, r["text_uncertain"]))
-      bad = consistency.check(schema.to_chip(r), st.family, st.values)
+      bad = check(schema.to_chip(r), st.family, st.values)
       for v in bad:
         violations.append({"id": schema.text_of(r["id"]), "field": v.field, "reason": v.reason})
       for name, value in zip(st.field_names, st.values):

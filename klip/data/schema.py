@@ -109,6 +109,16 @@ def text_of(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def example_id(record) -> str:
+  """The record's unique example id."""
+  return text_of(record["id"])
+
+
+class RecordMismatch(ValueError):
+  """Per-example data kept beside a dataset (SCIO's pair table) that does not match the record
+  it is applied to: not a bad record to skip, a run to stop."""
+
+
 def structured_text(record) -> text_lib.StructuredText:
   """The record's eight fields and caption."""
   s = text_of

@@ -13,6 +13,9 @@ import dataclasses
 from klip.data import chip as chip_lib
 
 SEPARATOR = " $ "
+# The value of a field the generator could not resolve from a chip's data (e.g. the place of a
+# chip without a location); the generator writes it, builders that withhold a field write it.
+GENERIC = "not resolved from the metadata"
 
 # Template prefix of every field; the value span follows the prefix directly.
 PREFIXES = {

@@ -1,6 +1,6 @@
 """The HCoT generator: walks the five levels for one chip and returns its structured text.
 
-    gen = Generator(make_backend("rules"))
+    gen = for_backend("rules", data_dir)   # or Generator(make_backend("rules"))
     result = gen.generate(chip)      # result.text is a text.StructuredText
 
 Every answer is validated against its level's schema (`backend.validate`), whatever the backend;
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any
 
 from klip.data import chip as chip_lib
@@ -50,11 +51,28 @@ def make_backend(name: str, **options) -> backend_lib.Backend:
   return getattr(importlib.import_module(module), cls)(**options)
 
 
+def for_backend(name: str, data_dir: str, **llm_options) -> Generator:
+  """The generator of backend `name`: "rules", or "llm" with its server options (`model` is
+  required; the answer cache defaults to DATA_DIR/.hcot_cache, so a rebuild resumes)."""
+  options = {}
+  if name == "llm":
+    if not llm_options.get("model"):
+      raise ValueError("--backend=llm needs --llm_model (the model the server serves)")
+    options = dict(llm_options)
+    options["cache_dir"] = options.get("cache_dir") or os.path.join(data_dir, ".hcot_cache")
+  return Generator(make_backend(name, **options))
+
+
 class Generator:
   """Runs the five HCoT levels with one backend."""
 
   def __init__(self, backend: backend_lib.Backend):
     self.backend = backend
+
+  @staticmethod
+  def check(chip: chip_lib.Chip, family: str, values) -> list[consistency.Violation]:
+    """What the consistency checks find wrong with `values` for `chip` (build reports)."""
+    return consistency.check(chip, family, values)
 
   def generate(self, chip: chip_lib.Chip) -> HCoTResult:
     answers: dict[str, dict[str, Any]] = {}

@@ -10,6 +10,7 @@ import math
 import random
 from typing import Any, Callable
 
+from klip.data import text as text_lib
 from klip.hcot import backend
 
 Answer = dict[str, Any]
@@ -46,7 +47,6 @@ COMPASS = ("north", "north-northeast", "northeast", "east-northeast", "east", "e
            "west-southwest", "west", "west-northwest", "northwest", "north-northwest")
 DISTRIBUTION = {"close pair": "a pair close together", "distant pair": "two targets far apart",
                 "line": "in a line", "clustered": "clustered", "scattered": "scattered"}
-GENERIC = "not resolved from the metadata"
 RELIEF_WORDS = ("mountain", "hill", "alpine", "ridge", "plateau", "valley")
 # A chip must span this much ground (m) for the place's landform to show slopes in it.
 RELIEF_EXTENT_M = 1000.0
@@ -290,7 +290,7 @@ class _Fields:
 
   def generic_value(self, field: str) -> str:
     self.generic.append(field)
-    return GENERIC
+    return text_lib.GENERIC
 
   # target family
 
@@ -493,7 +493,7 @@ def consistency(f: Answer, prev: dict[str, Answer], rnd: random.Random) -> Answe
   uncertain: list[str] = []
   for c in f["contradictions"]:
     field, reason = c["field"], c["reason"]
-    if field == "count" and values["count"] != GENERIC:
+    if field == "count" and values["count"] != text_lib.GENERIC:
       build.repairs.append(f"count: {reason}; stated {prev['instances']['count']}")
     elif field == "size" and values["size"] is not None:
       build.repairs.append(f"size: {reason}; stated the trusted length")

@@ -219,9 +219,9 @@ def _read(rows: np.ndarray, table: table_lib.PairTable, source, preprocess, toke
   unreadable = malformed = 0
   for j, i in enumerate(rows):
     record = source[int(i)]
-    if table_lib.example_id(record) != table.ids[i]:
+    if schema.example_id(record) != table.ids[i]:
       raise table_lib.TableMismatchError(
-          f"record {i} has id {table_lib.example_id(record)!r} but the pair table expects "
+          f"record {i} has id {schema.example_id(record)!r} but the pair table expects "
           f"{table.ids[i]!r}")
     example = preprocess.random_map((int(i), record), None)  # evaluation: no randomness
     if not example["valid"]:

@@ -29,7 +29,7 @@ SCORE_COLUMNS = ("cosine_full", "match_full", "cosine_kept", "match_kept")
 _CHECKED_IDS = 64  # ids compared against the dataset on load (evenly spaced, plus the last)
 
 
-class TableMismatchError(ValueError):
+class TableMismatchError(schema.RecordMismatch):
   """The pair table does not belong to this dataset (name, size or example ids differ)."""
 
 
@@ -37,13 +37,9 @@ class TableSchemaError(ValueError):
   """The pair table was written by another schema version."""
 
 
-def example_id(record) -> str:
-  return schema.text_of(record["id"])
-
-
 def read_ids(source) -> tuple[str, ...]:
   """Example ids of every record of a split, in record order."""
-  return tuple(example_id(source[i]) for i in range(len(source)))
+  return tuple(schema.example_id(source[i]) for i in range(len(source)))
 
 
 def rewritten(st: text_lib.StructuredText, rewrites: dict[int, str]) -> text_lib.StructuredText:
@@ -123,7 +119,7 @@ class PairTable:
     n = len(self)
     rows = sorted(set(np.linspace(0, n - 1, min(n, _CHECKED_IDS)).astype(int).tolist()))
     for i in rows:
-      got = example_id(source[i])
+      got = schema.example_id(source[i])
       if got != self.ids[i]:
         raise TableMismatchError(f"pair table row {i} is example {self.ids[i]!r} but record "
                                  f"{i} of {dataset!r} is {got!r}")

@@ -52,7 +52,6 @@ from klip.data import splits
 from klip.data import text as text_lib
 from klip.data.builders import archive
 from klip.data.builders import sources
-from klip.hcot import rules
 
 VERSION = "1.0.0"
 MIN_PIXELS = 16
@@ -187,7 +186,7 @@ class _NoPlaceText:
 
   def generate(self, chip: chip_lib.Chip):
     result = self._generator.generate(dataclasses.replace(chip, geo=_STAND_IN_PLACE))
-    values = [rules.GENERIC if name in PLACE_FIELDS else value
+    values = [text_lib.GENERIC if name in PLACE_FIELDS else value
               for name, value in zip(chip.field_names, result.text.values)]
     return dataclasses.replace(
         result, text=text_lib.compose(chip.family, values),
