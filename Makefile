@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data
 DEMO_CHIPS ?= 4000
 DEMO_WORKDIR ?= workdirs/tiny
-# Transparent huge pages for XLA:CPU's per-step temporaries (klip/host_memory.py): B1's step
-# 2.36 s instead of 2.85 s. glibc reads it at process start, so every target's Python gets it.
+# Transparent huge pages for XLA:CPU's per-step temporaries (klip/host_memory.py; the effect on
+# B1 in bench/README.md). glibc reads it at process start, so every target's Python gets it.
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export GLIBC_TUNABLES
 

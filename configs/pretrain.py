@@ -141,10 +141,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # step's FLOPs (bench/b2_full.py), where BLIP's full-depth fusion and decoder cost 5x.
     c.model = _model(224, 16, vit, (768, 12, 12), vocab=32000, max_len=160, fusion_layers=3,
                      decoder_depth=2)
-    # On one H200 (bench/README.md, GPU), base's step ran 5 % faster with its 12 layers
-    # unrolled than scanned (a scan copies each layer's saved activations into stacked
-    # buffers) and 20 % faster again with attention "auto" picking cuDNN's fused kernel.
-    # large keeps the scan: 24 layers, compile time (not measured on a GPU).
+    # base unrolls its 12 layers (a scan copies each layer's saved activations into stacked
+    # buffers) and lets attention "auto" pick cuDNN's fused kernel on GPUs: both faster on an
+    # H200 (bench/README.md, GPU). large keeps the scan for its 24 layers' compile time.
     c.model.update(dtype="bfloat16", scan_layers=variant == "large",
                    remat_policy="dots_saveable")
     c.batch_size, c.total_steps = 2048, 200_000

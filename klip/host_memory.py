@@ -2,13 +2,12 @@
 
 XLA:CPU gives each execution of a compiled step one buffer for all of its temporaries and frees
 it when the step ends. The buffer is far above glibc's mmap threshold, so every step maps a
-fresh region that the kernel faults in and zeroes 4 KiB at a time. For B1's ViT-Ti step
-(bench/README.md) that is one 1.8 GB buffer, 445,000 page faults and about 0.9 s of system time
-in a 2.85 s step. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35 or newer) glibc
-advises transparent huge pages on its mappings, which the kernel's usual THP mode ("madvise")
-honours: 1,500 faults per step and a 2.36 s step. (In mode "always" every large mapping gets
-huge pages without advice; in "never" none does.) PyTorch's step on the same machine does
-not change measurably either way.
+fresh region that the kernel faults in and zeroes 4 KiB at a time: for a ViT-Ti step, hundreds
+of thousands of page faults per step (bench/README.md, B1, has the measurements). With
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35 or newer) glibc advises transparent huge
+pages on its mappings, which the kernel's usual THP mode ("madvise") honours, and the faults
+fall by two orders of magnitude. (In mode "always" every large mapping gets huge pages without
+advice; in "never" none does.)
 
 glibc reads tunables once, when the process starts, so whoever starts Python sets it: the
 Makefile exports it, launch/local.sh passes it to each process, and `environ()` sets a child's
@@ -73,5 +72,5 @@ def advice(backend: str, env: Mapping[str, str] | None = None) -> str | None:
   if _thp_mode() != "madvise":
     return None  # "always" gives huge pages without advice, "never" refuses them
   return (f"GLIBC_TUNABLES lacks {SETTING}: each XLA:CPU step faults its temporaries in 4 KiB "
-          f"pages (B1's ViT-Ti step: 2.85 s instead of 2.36 s); start Python with "
+          f"pages, which slows every step (bench/README.md, B1); start Python with "
           f"GLIBC_TUNABLES={SETTING} (the Makefile and launch/local.sh do)")

@@ -67,7 +67,7 @@ def make_train_step(config, graphdef):
     # A non-finite update is skipped (the counter counts it): the optimizer runs inside a
     # conditional whose other branch returns the old state. Selecting each new array against
     # its old value instead split XLA's fusions, and the donated optimizer state was copied
-    # every step (B1's ViT-Ti step 3.6 % slower on CPU).
+    # every step (bench/README.md, B1).
     new_params, new_opt_state = jax.lax.cond(finite, apply, lambda o: o[1:],
                                               (nnx.as_pure(grads), params, opt_state))
     nnx.update(ts.model, new_params)

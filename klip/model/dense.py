@@ -2,12 +2,11 @@
 
 A dense layer y = x W contracts x's trailing axes with W's leading ones. Its weight gradient
 x^T dy contracts over the tokens, the leading axis of both operands; XLA:CPU hands such a dot
-to Eigen, which ran B1's weight gradients at 150-165 GFLOP/s on 2 threads against 195-210 for
-the forward products, which YNNPACK runs (YNNPACK takes only dots whose left operand is
-row-major [M, K]). On CPU the weight gradient here first copies the smaller of x and dy to its
+to Eigen, which runs B1's weight gradients well below the rate of the forward products, which
+YNNPACK runs (YNNPACK takes only dots whose left operand is row-major [M, K]). On CPU the weight gradient here first copies the smaller of x and dy to its
 transpose, so that the product is [K, M] x [M, N] and goes to YNNPACK (the copy is fenced with
-an optimization barrier, or XLA folds it back into the dot). B1's step: 7.6 % faster with
-ViT-Ti, 5.5 % with ViT-S (bench/README.md). Other platforms take the plain product at lowering
+an optimization barrier, or XLA folds it back into the dot); bench/README.md has its effect
+on B1. Other platforms take the plain product at lowering
 (`lax.platform_dependent`), as do products that are not a dense layer's.
 
 The forward product stays a plain `lax.dot_general`, so remat policies that save dots

@@ -51,7 +51,7 @@ def layer_norm(width: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 class Mlp(nnx.Module):
   """Two dense layers with a GELU in between, in its tanh form (Flax's and big_vision's default):
-  on CPU XLA computes it in a third of the exact form's time, and the B1 step is 5 % faster."""
+  on CPU XLA computes it much faster than the exact form (bench/README.md, B1)."""
 
   def __init__(self, width: int, mlp_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(width, mlp_dim, dtype=dtype, rngs=rngs, dot_general=dense.dot_general,
@@ -92,8 +92,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   'xla': `jax.nn.dot_product_attention`'s maths (logits and softmax in float32) computed
   heads-major, in flash attention's order (`_attend`). jax's XLA path reshapes to a
   grouped-query layout whose backward pass copies [B, H, Lq, Lk] arrays in 5-D layouts, and
-  normalises the probabilities before the second matmul; on CPU this form runs ViT-S/16's
-  attention forward 1.6x and forward and backward 1.1x faster (bench/README.md).
+  normalises the probabilities before the second matmul; on CPU this form is the faster one
+  (bench/README.md).
   'cudnn': cuDNN's fused (flash) attention, NVIDIA GPUs only (`cudnn_attention`).
   """
   if implementation == "cudnn":
