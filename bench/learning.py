@@ -59,7 +59,7 @@ Tasks:
   occupied cell), k-NN votes with each neighbour's occupied cells; chance is the share of test
   chips holding a target in the most often occupied cell.
 Captioning (the pretrained model, evals/captioning.py, greedy, on `--caption_examples` chips of
-the synthetic test split): accuracy per observable field (chip.OBSERVABLE_FIELDS: exact value
+the synthetic test split): accuracy per observable field (caption.OBSERVABLE_FIELDS: exact value
 after normalisation) and `repetition`, the share of generated values with a token repeated 3+
 times in a row.
 
@@ -103,7 +103,7 @@ from klip import host_memory  # pylint: disable=g-import-not-at-top
 from klip import metrics_writer  # pylint: disable=g-import-not-at-top
 from klip import provenance  # pylint: disable=g-import-not-at-top
 from klip import sharding  # pylint: disable=g-import-not-at-top
-from klip.data import chip as chip_lib  # pylint: disable=g-import-not-at-top
+from klip.data import caption as caption_lib  # pylint: disable=g-import-not-at-top
 from klip.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
 
 ROOT = common.ROOT
@@ -330,7 +330,7 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
                                      beam_size=1, max_span=ec.evals.captioning.max_span,
                                      max_examples=caption_examples or None)
     metrics = dict(evaluator.run(Artifacts(art_dir, "captioning")))
-    fields = {f: metrics[f"field/{f}"] for f in chip_lib.OBSERVABLE_FIELDS
+    fields = {f: metrics[f"field/{f}"] for f in caption_lib.OBSERVABLE_FIELDS
               if f"field/{f}" in metrics}
     cap = {"fields": fields, "repetition": metrics.get("repetition", float("nan")),
            "observable_mean": float(np.mean(list(fields.values()))) if fields else float("nan"),

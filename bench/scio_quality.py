@@ -13,7 +13,7 @@ from evals import retrieval as retrieval_lib
 from evals.predictor import Predictor
 from klip import checkpoint as checkpoint_lib
 from klip import sharding
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import dataset as dataset_lib
 from klip.data import schema
 from klip.scio import table as table_lib
@@ -62,7 +62,7 @@ def plant(texts, ids, dataset: str, rate: float, seed: int):
   for i, st in enumerate(texts):
     for k, name in enumerate(st.field_names):
       others = [v for v in pool[(st.family, name)] if v != st.values[k]]
-      if name in chip_lib.OBSERVABLE_FIELDS and others and rng.random() < rate:
+      if name in caption_lib.OBSERVABLE_FIELDS and others and rng.random() < rate:
         table.rewrites.setdefault(i, {})[k] = others[int(rng.integers(len(others)))]
         planted[(i, k)] = st.values[k]
   return table, planted

@@ -40,7 +40,7 @@ from evals import data as data_lib
 from klip.data import chip as chip_lib
 from klip.data import knowledge
 from klip.data import schema
-from klip.data.tokenizer import PAD
+from klip.data.caption import PAD
 from klip.data.text import PREFIXES
 from klip.hcot import rules
 

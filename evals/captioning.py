@@ -49,9 +49,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from evals import stats
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import schema
-from klip.data import text as text_lib
 
 BLEU_N = 4
 EXAMPLES = 8  # reference-vs-generated rows in the report
@@ -66,10 +65,10 @@ def normalize(text: str) -> str:
 def field_values(caption: str, family: str) -> list[str]:
   """The eight values of a `family` caption composed as `text.compose` composes them (each
   field's template prefix, values between, SEPARATOR between clauses; a value may be empty)."""
-  names = chip_lib.FAMILIES[family]
+  names = caption_lib.FAMILIES[family]
   starts, ends, cursor = [], [], 0
   for i, name in enumerate(names):
-    marker = (text_lib.SEPARATOR if i else "") + text_lib.PREFIXES[name]
+    marker = (caption_lib.SEPARATOR if i else "") + caption_lib.PREFIXES[name]
     at = caption.find(marker, cursor)
     if at < 0 or (i == 0 and at > 0):
       raise ValueError(f"not a {family} caption (no {marker!r} clause): {caption!r}")

@@ -28,6 +28,7 @@ from klip import inference as inference_lib
 from klip import predict
 from klip import provenance
 from klip import sharding
+from klip.data import caption as caption_lib
 from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
@@ -172,7 +173,7 @@ class Predictor:
     """Decoder log-likelihood [P] of text p given the image of image_tokens[p] (free texts, or
     text-tower tokens [P, L] whose [ENC] is replaced by [DEC])."""
     tokens = np.array(texts if isinstance(texts, np.ndarray) else self.tokens(texts))
-    tokens[:, 0] = tokenizer_lib.DEC
+    tokens[:, 0] = caption_lib.DEC
     return self._batched(predict.text_logprob, image_tokens, tokens)
 
   def pair_scores(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Zero-shot classification: each image goes to the class whose prompt embedding is nearest.
 
 A class is described by prompts built from its readable names (`readable_names`) inside
-the caption clause templates the model was pretrained on (`klip.data.text.PREFIXES`), plus a
+the caption clause templates the model was pretrained on (`klip.data.caption.PREFIXES`), plus a
 plain "a SAR image of {name}":
 
 - subtype, category: "the targets are classified as {name}", "the number of targets is one

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from klip import distributed
 from klip import predict
 from klip import sharding
-from klip.data.tokenizer import SEP
+from klip.data.caption import SEP
 
 # XLA:CPU's YNNPACK fusions put a whole MLP sublayer (LayerNorm, both matmuls, GELU, residual)
 # into one library graph: on tiny's scoring chunk (64 pairs x 9 texts x 128 tokens) its matmuls

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from klip.data import tokenizer as tok
+from klip.data import caption as caption_lib
 
 _NEG = -1e9
 
@@ -197,10 +197,10 @@ def corrupt_values(rng, tokens, clause, vocab_size: int, mask_p=0.5, random_p=0.
   is_value = clause >= 0
   k_u, k_r = jax.random.split(rng)
   u = jax.random.uniform(k_u, tokens.shape)
-  random_ids = jax.random.randint(k_r, tokens.shape, tok.SEP + 1, vocab_size)
-  out = jnp.where(is_value & (u < mask_p), tok.MASK, tokens)
+  random_ids = jax.random.randint(k_r, tokens.shape, caption_lib.SEP + 1, vocab_size)
+  out = jnp.where(is_value & (u < mask_p), caption_lib.MASK, tokens)
   out = jnp.where(is_value & (u >= mask_p) & (u < mask_p + random_p), random_ids, out)
-  return out.at[:, 0].set(tok.DEC)
+  return out.at[:, 0].set(caption_lib.DEC)
 
 
 def reconstruction(logits, tokens, clause, weights, smoothing: float = 0.1):

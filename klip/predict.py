@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import text as text_lib
-from klip.data.tokenizer import DEC, ENC, MASK, PAD, SEP, TEMPLATE
+from klip.data.caption import DEC, ENC, MASK, PAD, SEP, TEMPLATE
 from klip.model.two_tower import POSITIVE, Model
 
 BANNED = (PAD, ENC, DEC, MASK)
@@ -223,7 +223,7 @@ def fill_span(generate: Generate, ids: np.ndarray, clause: np.ndarray,
 def prefix_tokens(tokenizer, family: str) -> list[list[int]]:
   """The template tokens before each value span of a `family` caption ([SEP] included after
   the first clause), taken from `tokenizer.encode_caption` itself."""
-  names = chip_lib.FAMILIES[family]
+  names = caption_lib.FAMILIES[family]
   st = text_lib.compose(family, ["x"] * len(names))
   ids, clause = tokenizer.encode_caption(st, max_len=8 * len(st.caption) + 2 * len(names))
   prefixes, cursor = [], 1
@@ -241,7 +241,7 @@ def caption(generate: Generate, tokenizer, batch: int, width: int, family: str) 
   Captions are joined as `text.compose` joins them. Decoding uses a buffer of `width` tokens
   (the model's max_len); values that no longer fit are empty.
   """
-  names = chip_lib.FAMILIES[family]
+  names = caption_lib.FAMILIES[family]
   buf = np.full((batch, width), PAD, np.int32)
   buf[:, 0] = DEC
   used = np.ones(batch, np.int32)
@@ -257,6 +257,6 @@ def caption(generate: Generate, tokenizer, batch: int, width: int, family: str) 
       buf[row, used[row]:used[row] + value.size] = value
       used[row] += value.size
       values[row].append(tokenizer.decode(value).strip())
-  return [text_lib.SEPARATOR.join(text_lib.PREFIXES[name] + value
+  return [caption_lib.SEPARATOR.join(caption_lib.PREFIXES[name] + value
                                   for name, value in zip(names, row_values))
           for row_values in values]

@@ -17,6 +17,7 @@ from bench import common
 from bench import flops
 from bench import gpu_profile
 from bench import gpu_step
+from klip.data import caption as caption_lib
 from tests.conftest import smoke_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +119,7 @@ def test_scio_discrimination_scores_each_planted_clause_against_the_true_caption
                                seed=0)
   assert sum(len(rows) for rows in out.values()) == min(40, len(planted))
   for name, rows in out.items():
-    assert name in quality.chip_lib.OBSERVABLE_FIELDS
+    assert name in caption_lib.OBSERVABLE_FIELDS
     assert rows.shape[1] == 2
   every = np.concatenate(list(out.values()))
   assert 0 < every[:, 0].mean() < 1

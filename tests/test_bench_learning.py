@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from evals import captioning
-from klip.data import chip as chip_lib
-from klip.data import text as text_lib
+from klip.data import caption as caption_lib
 from tests.conftest import SHARED_DATA
 
 
 def _caption(family, values):
-  names = chip_lib.FAMILIES[family]
-  return text_lib.SEPARATOR.join(text_lib.PREFIXES[n] + v for n, v in zip(names, values))
+  names = caption_lib.FAMILIES[family]
+  return caption_lib.SEPARATOR.join(caption_lib.PREFIXES[n] + v for n, v in zip(names, values))
 
 
 def test_repeats_counts_three_identical_tokens_in_a_row():
@@ -66,7 +65,7 @@ def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
     assert row["chance"] >= 1.0 / row["classes"] - 1e-9
   assert out["ceiling"]["steps"] >= 1 and out["budget_seconds"] == 2.0
   cap = out["captioning"]
-  assert set(cap["fields"]) <= set(chip_lib.OBSERVABLE_FIELDS) and cap["fields"]
+  assert set(cap["fields"]) <= set(caption_lib.OBSERVABLE_FIELDS) and cap["fields"]
   assert 0.0 <= cap["repetition"] <= 1.0
   lines = [l for l in results.read_text().splitlines() if l.startswith("| ")]
   assert len(lines) == len(learning_tasks.TASKS) + 1

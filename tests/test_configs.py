@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
+from klip.data import caption as caption_lib
 from klip.data import simulator
 from klip.data import tokenizer as tokenizer_lib
 from klip.hcot import generator
@@ -24,7 +25,7 @@ def test_max_len_holds_whole_captions(variant, captions, tmp_path):
   c = pretrain.get_config(variant)
   tok = tokenizer_lib.train([st.caption for st in captions], str(tmp_path / "tok.model"),
                             c.model.text.vocab_size)
-  lengths = np.array([int(np.sum(tok.encode_caption(st, 1024)[0] != tokenizer_lib.PAD))
+  lengths = np.array([int(np.sum(tok.encode_caption(st, 1024)[0] != caption_lib.PAD))
                       for st in captions])
   cut = float(np.mean(lengths > c.model.text.max_len))
   assert cut <= 0.01, (f"{variant}: max_len {c.model.text.max_len} cuts {cut:.0%} of captions "

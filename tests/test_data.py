@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SMOKE_CHIPS
+from klip.data import caption as caption_lib
 from klip.data import dataset as dataset_lib
 from klip.data import pipeline
 from klip.data import schema
@@ -84,7 +85,7 @@ def test_tokenizer_reserves_specials_and_marks_value_spans_exactly(tok):
                                    "about 120 m long", "cargo ships", "scattered",
                                    "port of Rotterdam", "calm sea"))
   ids, clause = tok.encode_caption(st, 200)
-  assert ids[0] == tokenizer_lib.ENC and (ids == tokenizer_lib.SEP).sum() == 7
+  assert ids[0] == caption_lib.ENC and (ids == caption_lib.SEP).sum() == 7
   for i, value in enumerate(st.values):
     assert tok.decode(ids[clause == i]) == value
   assert tok.decode(ids) == st.caption.replace(" $ ", " ")
@@ -92,7 +93,7 @@ def test_tokenizer_reserves_specials_and_marks_value_spans_exactly(tok):
   assert short.shape == (10,) and short_clause.shape == (10,)
   # byte fallback: nothing is unknown
   odd, _ = tok.encode_caption(text_lib.compose("target", ("Ωmega",) * 8), 200)
-  assert tokenizer_lib.UNK not in odd
+  assert caption_lib.UNK not in odd
 
 
 def test_tokenizer_rejects_a_foreign_model(tmp_path):
@@ -145,7 +146,7 @@ def test_preprocess_normalises_and_tokenizes(data_dir, tok):
   ex = _preprocess(tok, train=False).random_map((0, src[0]), np.random.default_rng(0))
   assert ex["valid"] == 1 and ex["image"].dtype == np.float32
   assert -1.0 <= ex["image"].min() and ex["image"].max() <= 1.0
-  assert ex["tokens"][0] == tokenizer_lib.ENC and ex["clause"].max() >= 0
+  assert ex["tokens"][0] == caption_lib.ENC and ex["clause"].max() >= 0
 
 
 class _FlakySource:
@@ -195,8 +196,8 @@ def test_free_text_encoding_matches_the_caption_encoding(data_dir, tok):
   ids, _ = tok.encode_caption(st, 64)
   np.testing.assert_array_equal(tok.encode_text(st.caption, 64), ids)
   short = tok.encode_text("a SAR image of a ship", 64)
-  assert short[0] == tokenizer_lib.ENC and tokenizer_lib.SEP not in short
-  assert np.all(short[np.flatnonzero(short == tokenizer_lib.PAD)[0]:] == tokenizer_lib.PAD)
+  assert short[0] == caption_lib.ENC and caption_lib.SEP not in short
+  assert np.all(short[np.flatnonzero(short == caption_lib.PAD)[0]:] == caption_lib.PAD)
 
 
 def test_a_mixture_is_the_concatenation_of_its_parts(data_dir):
@@ -276,9 +277,9 @@ def test_clause_tokens_are_one_observable_clause_never_the_skipped_one(data_dir,
   prep = pipeline.Preprocess(**{**_preprocess(tok).__dict__, "clause_len": 40})
   r = src[0]
   st = schema.structured_text(r)
-  from klip.data import chip as chip_lib  # pylint: disable=g-import-not-at-top
-  observable = [i for i, n in enumerate(st.field_names) if n in chip_lib.OBSERVABLE_FIELDS]
-  forms = {tuple(tok.encode_text(text_lib.PREFIXES[st.field_names[i]] + st.values[i], 40)): i
+  from klip.data import caption as caption_lib  # pylint: disable=g-import-not-at-top
+  observable = [i for i, n in enumerate(st.field_names) if n in caption_lib.OBSERVABLE_FIELDS]
+  forms = {tuple(tok.encode_text(caption_lib.PREFIXES[st.field_names[i]] + st.values[i], 40)): i
            for i in observable}
   drawn = set()
   for seed in range(40):
@@ -289,5 +290,5 @@ def test_clause_tokens_are_one_observable_clause_never_the_skipped_one(data_dir,
   skip = observable[0]
   rng = np.random.default_rng(0)
   assert all(pipeline._random_clause(st, rng, skip) !=  # pylint: disable=protected-access
-             text_lib.PREFIXES[st.field_names[skip]] + st.values[skip] for _ in range(40))
+             caption_lib.PREFIXES[st.field_names[skip]] + st.values[skip] for _ in range(40))
   assert prep.random_map((0, None), rng)["clause_tokens"].shape == (40,)

@@ -6,7 +6,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 
 from evals import captioning
 from evals.artifacts import Artifacts
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import text as text_lib
 
 TARGET = ("three ships", "the top left", "bright points", "about 50 m long", "small ships",
@@ -64,9 +64,9 @@ def test_field_values_parse_composed_and_generated_captions():
     assert captioning.field_values(text_lib.compose(family, values).caption,
                                    family) == list(values)
   # as Predictor.caption joins them: values that no longer fit are empty
-  names = chip_lib.FAMILIES["landform"]
+  names = caption_lib.FAMILIES["landform"]
   values = ["coastal plain", "", "a $ b", "", "", "", "", ""]
-  generated = text_lib.SEPARATOR.join(text_lib.PREFIXES[n] + v for n, v in zip(names, values))
+  generated = caption_lib.SEPARATOR.join(caption_lib.PREFIXES[n] + v for n, v in zip(names, values))
   assert captioning.field_values(generated, "landform") == values
   with pytest.raises(ValueError, match="not a target caption"):
     captioning.field_values(generated, "target")
@@ -75,7 +75,7 @@ def test_field_values_parse_composed_and_generated_captions():
 def test_field_accuracy_by_hand():
   def record(family, values):
     return {"family": family.encode(), "field_names": [n.encode() for n in
-                                                       chip_lib.FAMILIES[family]],
+                                                       caption_lib.FAMILIES[family]],
             "field_values": [v.encode() for v in values]}
   records = [record("target", TARGET), record("landform", LANDFORM)]
   wrong_count = ("Three Ships.",) + TARGET[1:3] + ("x",) + TARGET[4:]  # case ignored, size wrong

@@ -14,8 +14,8 @@ from evals import vqa
 from evals.predictor import ImageFeatures
 from klip.data import knowledge
 from klip.data import schema
+from klip.data.caption import ENC, PAD
 from klip.data.text import PREFIXES
-from klip.data.tokenizer import ENC, PAD
 from klip.hcot import rules
 
 

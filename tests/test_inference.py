@@ -11,7 +11,7 @@ from klip import inference
 from klip import predict
 from klip import sharding
 from klip import train_state
-from klip.data.tokenizer import DEC, SEP
+from klip.data.caption import DEC, SEP
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from configs import pretrain
 from klip import losses
 from klip import objectives
 from klip import predict
-from klip.data import tokenizer as tok
+from klip.data import caption as caption_lib
 from klip.model.two_tower import Model
 
 
@@ -138,13 +138,13 @@ def test_corruption_touches_only_value_tokens_in_the_right_proportions():
   clause = np.full((n, length), -1, np.int32)
   clause[:, 10:30] = 2
   out = np.asarray(losses.corrupt_values(jax.random.key(0), tokens, clause, 1000))
-  assert np.all(out[:, 0] == tok.DEC)
+  assert np.all(out[:, 0] == caption_lib.DEC)
   np.testing.assert_array_equal(out[:, 1:10], 100)
   np.testing.assert_array_equal(out[:, 30:], 100)
   span = out[:, 10:30]
-  assert abs(np.mean(span == tok.MASK) - 0.5) < 0.02
-  changed_random = np.mean((span != tok.MASK) & (span != 100))
-  assert abs(changed_random - 0.1) < 0.02 and np.all(span[span != tok.MASK] > tok.SEP)
+  assert abs(np.mean(span == caption_lib.MASK) - 0.5) < 0.02
+  changed_random = np.mean((span != caption_lib.MASK) & (span != 100))
+  assert abs(changed_random - 0.1) < 0.02 and np.all(span[span != caption_lib.MASK] > caption_lib.SEP)
 
 
 def test_reconstruction_counts_only_value_targets_with_label_smoothing():
@@ -184,7 +184,7 @@ def _batch(config, n=6, seed=0):
   rng = np.random.default_rng(seed)
   m = config.model
   tokens = rng.integers(6, m.text.vocab_size, (n, 16)).astype(np.int32)
-  tokens[:, 0] = tok.ENC
+  tokens[:, 0] = caption_lib.ENC
   return {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
               np.float32),
           "tokens": tokens, "clause": np.full_like(tokens, -1),

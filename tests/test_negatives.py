@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import dataset as dataset_lib
 from klip.data import negatives
 from klip.data import pipeline
@@ -24,10 +24,10 @@ def pool(source):
 
 
 def test_pool_holds_only_observable_fields_seen_in_the_records(source, pool):
-  assert pool.values and all(field in chip_lib.OBSERVABLE_FIELDS for _, field in pool.values)
+  assert pool.values and all(field in caption_lib.OBSERVABLE_FIELDS for _, field in pool.values)
   st = schema.structured_text(source[0])
   for name, value in zip(st.field_names, st.values):
-    if name in chip_lib.OBSERVABLE_FIELDS:
+    if name in caption_lib.OBSERVABLE_FIELDS:
       assert value in pool.values[(st.family, name)]
 
 
@@ -42,7 +42,7 @@ def test_swap_changes_exactly_one_observable_clause_never_the_skipped_one(source
     changed = [k for k in range(len(st.values)) if out.values[k] != st.values[k]]
     assert len(changed) == 1 and changed[0] != skip
     name = st.field_names[changed[0]]
-    assert name in chip_lib.OBSERVABLE_FIELDS
+    assert name in caption_lib.OBSERVABLE_FIELDS
     assert out.values[changed[0]] in pool.values[(st.family, name)]
     swapped_fields.add(name)
   assert len(swapped_fields) >= 4  # the choice is spread over the fields
@@ -51,7 +51,7 @@ def test_swap_changes_exactly_one_observable_clause_never_the_skipped_one(source
 def test_swap_gives_none_when_no_field_has_another_value(source):
   st = schema.structured_text(source[0])
   single = negatives.ValuePool({(st.family, n): (v,) for n, v in zip(st.field_names, st.values)
-                                if n in chip_lib.OBSERVABLE_FIELDS})
+                                if n in caption_lib.OBSERVABLE_FIELDS})
   assert single.swap(st, np.random.default_rng(0)) is None
 
 
@@ -74,9 +74,9 @@ def test_pipeline_carries_the_swapped_caption(source, pool, tmp_path):
                              db_min=-30.0, db_max=10.0, train=True, negatives=pool)
   ex = prep.random_map((0, source[0]), np.random.default_rng(0))
   assert ex["has_swap"] == 1 and not np.array_equal(ex["swap_tokens"], ex["tokens"])
-  assert ex["swap_tokens"][0] == tokenizer_lib.ENC
+  assert ex["swap_tokens"][0] == caption_lib.ENC
   # the swap is a caption with one value changed: the template text is untouched
-  template = ex["tokens"][ex["clause"] == tokenizer_lib.TEMPLATE]
+  template = ex["tokens"][ex["clause"] == caption_lib.TEMPLATE]
   assert set(template.tolist()) <= set(ex["swap_tokens"].tolist())
   with pytest.raises(ValueError, match="need train=True"):
     pipeline.Preprocess(tokenizer_path=tok.path, image_size=32, channels=2, max_len=96,

@@ -10,10 +10,10 @@ from flax import nnx
 from klip import inference
 from klip import predict
 from klip import sharding
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
-from klip.data.tokenizer import DEC, PAD, SEP
+from klip.data.caption import DEC, PAD, SEP
 from klip.model.two_tower import POSITIVE, Model
 
 WORDS = ("three ships", "a large aircraft", "bright corner reflectors", "small", "vehicles",
@@ -27,7 +27,7 @@ RULES = (("batch", ("slice", "data", "fsdp")),)
 def tok(tmp_path_factory):
   rng = np.random.default_rng(0)
   captions = [text_lib.compose(family, rng.choice(WORDS, len(names))).caption
-              for family, names in chip_lib.FAMILIES.items() for _ in range(100)]
+              for family, names in caption_lib.FAMILIES.items() for _ in range(100)]
   path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
   return tokenizer_lib.train(captions, path, 800)
 
@@ -246,19 +246,19 @@ def test_fill_span_keeps_everything_outside_the_span(model, images, tok):
 @pytest.mark.parametrize("family", ["target", "landform"])
 def test_caption_forces_every_prefix(model, images, tok, family):
   image_tokens = model.encode_image(images)
-  names = chip_lib.FAMILIES[family]
+  names = caption_lib.FAMILIES[family]
   prefixes = predict.prefix_tokens(tok, family)
   assert len(prefixes) == 8 and prefixes[0][0] != SEP
   assert all(p[0] == SEP for p in prefixes[1:])
-  assert [tok.decode(p) for p in prefixes] == [text_lib.PREFIXES[n].strip() for n in names]
+  assert [tok.decode(p) for p in prefixes] == [caption_lib.PREFIXES[n].strip() for n in names]
   out = predict.caption(eager_generate(model, image_tokens, max_new=2, beam_size=2), tok, 3,
                         MAX_LEN, family)
   assert len(out) == 3
   for text in out:
-    clauses = text.split(text_lib.SEPARATOR)
+    clauses = text.split(caption_lib.SEPARATOR)
     assert len(clauses) == 8
     for name, clause in zip(names, clauses):
-      assert clause.startswith(text_lib.PREFIXES[name])
+      assert clause.startswith(caption_lib.PREFIXES[name])
 
 
 def test_text_logprob_sums_the_decoders_token_logprobs(model, images, tok):

@@ -14,6 +14,7 @@ from klip import checkpoint as checkpoint_lib
 from klip import inference
 from klip import sharding
 from klip import train_state
+from klip.data import caption as caption_lib
 from klip.data import dataset as dataset_lib
 from klip.data import pipeline
 from klip.data import schema
@@ -60,14 +61,14 @@ def test_encode_caption_skip_leaves_out_exactly_one_clause(source, tok, k):
   st = schema.structured_text(source[3])
   ids, clause = tok.encode_caption(st, 1000)  # long enough for every clause
   ids_k, clause_k = tok.encode_caption(st, 1000, skip=k)
-  clauses = st.caption.split(text_lib.SEPARATOR)
-  expected = text_lib.SEPARATOR.join(c for j, c in enumerate(clauses) if j != k)
+  clauses = st.caption.split(caption_lib.SEPARATOR)
+  expected = caption_lib.SEPARATOR.join(c for j, c in enumerate(clauses) if j != k)
   assert tok.decode(ids_k).split() == tok.decode(
-      tok.encode_pieces(expected.replace(text_lib.SEPARATOR, " "))).split()
+      tok.encode_pieces(expected.replace(caption_lib.SEPARATOR, " "))).split()
   assert set(clause_k[clause_k >= 0].tolist()) == set(range(8)) - {k}
   for j in set(range(8)) - {k}:  # every other value span is tokenized exactly as before
     np.testing.assert_array_equal(ids_k[clause_k == j], ids[clause == j])
-  assert np.sum(ids_k == tokenizer_lib.SEP) == 6 and ids_k[0] == tokenizer_lib.ENC
+  assert np.sum(ids_k == caption_lib.SEP) == 6 and ids_k[0] == caption_lib.ENC
   with pytest.raises(ValueError, match="cannot leave out clause 8"):
     tok.encode_caption(st, 160, skip=8)
 
@@ -80,7 +81,7 @@ def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok,
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_array_equal(clause, want_clause)
   np.testing.assert_array_equal(texts[0], ids)
-  used = int(np.sum(ids != tokenizer_lib.PAD))
+  used = int(np.sum(ids != caption_lib.PAD))
   for k in range(8):
     variant = texts[k + 1]
     if not np.any(clause == k):  # cut off entirely: cannot be judged
@@ -89,7 +90,7 @@ def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok,
     if max_len >= 1000:  # nothing cut: the caption encoded without clause k
       np.testing.assert_array_equal(variant, tok.encode_caption(st, max_len, skip=k)[0])
     # the full caption's own tokens less clause k's: no clause comes back from truncation
-    kept = variant[variant != tokenizer_lib.PAD]
+    kept = variant[variant != caption_lib.PAD]
     gone = np.sum(clause == k)
     assert kept.size <= used - gone
     it = iter(ids[:used].tolist())
@@ -244,11 +245,11 @@ class OracleScorer:
     out = np.zeros(texts.shape[:2], np.float32)
     for r, image in enumerate(images):
       st = self._true(image)
-      clauses = [" ".join((text_lib.PREFIXES[f] + v).split())
+      clauses = [" ".join((caption_lib.PREFIXES[f] + v).split())
                  for f, v in zip(st.field_names, st.values)]
       for v, ids in enumerate(texts[r]):
         text = " ".join(self.tok.decode(ids).split())
-        present = sum(text.count(text_lib.PREFIXES[f].strip()) for f in set(st.field_names))
+        present = sum(text.count(caption_lib.PREFIXES[f].strip()) for f in set(st.field_names))
         out[r, v] = sum(c in text for c in clauses) / max(present, 1)
     return out, out.copy()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from klip.data.caption import FAMILIES
+
 import numpy as np
 
 # Land-cover classes of the simulator's ground-truth mask (index = class id).
@@ -18,16 +20,6 @@ LANDCOVER_CLASSES = ("water", "urban", "vegetation", "bare_soil", "mountain", "r
 # Target categories the simulator places; real archives may use finer names.
 TARGET_CATEGORIES = ("ship", "aircraft", "vehicle", "storage_tank")
 
-# The two families of structured text and their eight fields, in caption order (method.md §1).
-TARGET_FIELDS = ("count", "location", "feature", "size", "category", "distribution", "region",
-                 "environment")
-LANDFORM_FIELDS = ("terrain", "functionality", "distribution", "layout", "boundary", "buildings",
-                   "roads", "water")
-FAMILIES = {"target": TARGET_FIELDS, "landform": LANDFORM_FIELDS}
-# The fields the pixels can show; the others (region, environment, functionality, layout,
-# boundary, feature) come from lat/lon, the knowledge tables or imaging metadata.
-OBSERVABLE_FIELDS = ("count", "category", "size", "location", "distribution", "terrain", "water",
-                     "buildings", "roads")
 
 
 @dataclasses.dataclass(frozen=True)

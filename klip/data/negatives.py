@@ -1,7 +1,7 @@
 """Clause-swap negatives: a caption with one observable field's value replaced by another.
 
 With `loss.clause_negatives`, the matching loss also ranks each image's caption above the same
-caption in which one field the pixels can show (`chip.OBSERVABLE_FIELDS`) states another value
+caption in which one field the pixels can show (`caption.OBSERVABLE_FIELDS`) states another value
 of that field (`losses.matching`). That asks the fusion path to notice a single wrong clause,
 which is what SCIO's screening asks of the match probability. The values come from a `ValuePool` collected once from
 the training records (plain data, so it pickles to Grain workers).
@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import schema
 from klip.data import text as text_lib
 
@@ -38,7 +38,7 @@ class ValuePool:
         continue
       read += 1
       for name, value in zip(st.field_names, st.values):
-        if name in chip_lib.OBSERVABLE_FIELDS:
+        if name in caption_lib.OBSERVABLE_FIELDS:
           found.setdefault((st.family, name), set()).add(value)
     if not read:
       raise ValueError(f"no readable record among the {len(rows)} sampled for clause negatives")

@@ -19,7 +19,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import negatives as negatives_lib
 from klip.data import schema
 from klip.data import text as text_lib
@@ -175,7 +175,7 @@ class Preprocess(grain.transforms.RandomMap):
   def _invalid(self, index: int) -> dict:
     out = {"image": np.zeros((self.image_size, self.image_size, self.channels), np.float32),
            "tokens": np.zeros((self.max_len,), np.int32),
-           "clause": np.full((self.max_len,), tokenizer_lib.TEMPLATE, np.int32),
+           "clause": np.full((self.max_len,), caption_lib.TEMPLATE, np.int32),
            "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
     if self.clause_len:
       out["clause_tokens"] = np.zeros((self.clause_len,), np.int32)
@@ -188,10 +188,10 @@ def _random_clause(st: text_lib.StructuredText, rng: np.random.Generator, skip: 
   """One clause of `st` ("prefix value"), drawn among its observable fields (all fields when
   it has none), never the clause `skip` that SCIO left out."""
   names = st.field_names
-  pick = [i for i, n in enumerate(names) if n in chip_lib.OBSERVABLE_FIELDS and i != skip]
+  pick = [i for i, n in enumerate(names) if n in caption_lib.OBSERVABLE_FIELDS and i != skip]
   pick = pick or [i for i in range(len(names)) if i != skip]
   i = pick[int(rng.integers(len(pick)))]
-  return text_lib.PREFIXES[names[i]] + st.values[i]
+  return caption_lib.PREFIXES[names[i]] + st.values[i]
 
 
 def local_batches(source, preprocess: Preprocess, *, seed: int, global_batch: int,

@@ -10,33 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
+from klip.data.caption import PREFIXES, SEPARATOR
 
-SEPARATOR = " $ "
-# The value of a field the generator could not resolve from a chip's data (e.g. the place of a
-# chip without a location); the generator writes it, builders that withhold a field write it.
-GENERIC = "not resolved from the metadata"
-
-# Template prefix of every field; the value span follows the prefix directly.
-PREFIXES = {
-    # target family
-    "count": "the number of targets is ",
-    "location": "the targets are located at ",
-    "feature": "their scattering features are ",
-    "size": "their size is ",
-    "category": "the targets are classified as ",
-    "distribution": "the spatial distribution is ",
-    "region": "the region is ",
-    "environment": "the surrounding environment is ",
-    # landform family ("distribution" is shared with the target family)
-    "terrain": "the terrain is classified as ",
-    "functionality": "the regional function is ",
-    "layout": "the layout is ",
-    "boundary": "the boundaries are ",
-    "buildings": "the buildings are ",
-    "roads": "the roads are ",
-    "water": "the water bodies are ",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +28,7 @@ class StructuredText:
 
   @property
   def field_names(self) -> tuple[str, ...]:
-    return chip_lib.FAMILIES[self.family]
+    return caption_lib.FAMILIES[self.family]
 
   def segments(self) -> list[tuple[str, int]]:
     """The caption cut into (text, clause index) pieces; -1 marks template text.
@@ -73,7 +49,7 @@ class StructuredText:
 
 def compose(family: str, values: tuple[str, ...] | list[str]) -> StructuredText:
   """Joins eight field values into a caption and records each value span."""
-  names = chip_lib.FAMILIES[family]
+  names = caption_lib.FAMILIES[family]
   values = tuple(str(v).strip() for v in values)
   if len(values) != len(names):
     raise ValueError(f"{family} family needs {len(names)} field values {names}, got {len(values)}")

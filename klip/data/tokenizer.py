@@ -19,11 +19,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from klip.data import caption as caption_lib
 from klip.data import text as text_lib
+from klip.data.caption import DEC, ENC, MASK, PAD, SEP, SPECIALS, TEMPLATE, UNK
 
-PAD, UNK, ENC, DEC, MASK, SEP = 0, 1, 2, 3, 4, 5
-SPECIALS = ("[ENC]", "[DEC]", "[MASK]", "[SEP]")
-TEMPLATE = -1  # clause id of non-value tokens
 
 
 class Tokenizer:
@@ -57,7 +56,7 @@ class Tokenizer:
     """[ENC] + tokens of free text (a prompt, a generated caption), the field separator as
     [SEP], padded/truncated to max_len: int32 [max_len]."""
     ids = [ENC]
-    for j, part in enumerate(text.split(text_lib.SEPARATOR)):
+    for j, part in enumerate(text.split(caption_lib.SEPARATOR)):
       ids.extend(([SEP] if j else []) + self.encode_pieces(part))
     ids = ids[:max_len]
     return np.asarray(ids + [PAD] * (max_len - len(ids)), np.int32)
@@ -71,7 +70,7 @@ class Tokenizer:
     """
     ids, clause = [ENC], [TEMPLATE]
     for piece, index in (st.segments() if skip < 0 else _segments_without(st, skip)):
-      parts = piece.split(text_lib.SEPARATOR) if index == TEMPLATE else [piece]
+      parts = piece.split(caption_lib.SEPARATOR) if index == TEMPLATE else [piece]
       for j, part in enumerate(parts):
         if j:
           ids.append(SEP)
@@ -91,7 +90,7 @@ def _segments_without(st: text_lib.StructuredText, k: int) -> list[tuple[str, in
   n = len(st.spans)
   if not 0 <= k < n:
     raise ValueError(f"cannot leave out clause {k}: the caption has {n} clauses")
-  sep = text_lib.SEPARATOR
+  sep = caption_lib.SEPARATOR
   cut_start = 0 if k == 0 else st.spans[k - 1][1]
   cut_end = st.spans[k][1] + (len(sep) if k == 0 and n > 1 else 0)
   boundary = st.spans[0][1] if k == 0 else cut_start
@@ -117,7 +116,7 @@ def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) ->
     n = 0
     with open(corpus, "w") as f:
       for t in texts:
-        f.write(t.replace(text_lib.SEPARATOR, "\n").replace("\n\n", "\n") + "\n")
+        f.write(t.replace(caption_lib.SEPARATOR, "\n").replace("\n\n", "\n") + "\n")
         n += 1
     if not n:
       raise ValueError("cannot train a tokenizer on an empty corpus")

@@ -20,6 +20,7 @@ import math
 import re
 from typing import Sequence
 
+from klip.data import caption as caption_lib
 from klip.data import chip as chip_lib
 from klip.data import knowledge
 from klip.hcot import measure
@@ -118,9 +119,9 @@ def contradictions(chip: chip_lib.Chip) -> list[Violation]:
 
 def check(chip: chip_lib.Chip, family: str, values: Sequence[str]) -> list[Violation]:
   """What the eight field `values` (in the family's field order) get wrong about `chip`."""
-  if family not in chip_lib.FAMILIES:
+  if family not in caption_lib.FAMILIES:
     return [Violation("family", f"unknown family {family!r}")]
-  names = chip_lib.FAMILIES[family]
+  names = caption_lib.FAMILIES[family]
   if family != chip.family:
     return [Violation("family", f"the chip is a {chip.family} chip, not {family}")]
   if len(values) != len(names):

@@ -10,7 +10,7 @@ import math
 import random
 from typing import Any, Callable
 
-from klip.data import text as text_lib
+from klip.data import caption as caption_lib
 from klip.hcot import backend
 
 Answer = dict[str, Any]
@@ -290,7 +290,7 @@ class _Fields:
 
   def generic_value(self, field: str) -> str:
     self.generic.append(field)
-    return text_lib.GENERIC
+    return caption_lib.GENERIC
 
   # target family
 
@@ -493,7 +493,7 @@ def consistency(f: Answer, prev: dict[str, Answer], rnd: random.Random) -> Answe
   uncertain: list[str] = []
   for c in f["contradictions"]:
     field, reason = c["field"], c["reason"]
-    if field == "count" and values["count"] != text_lib.GENERIC:
+    if field == "count" and values["count"] != caption_lib.GENERIC:
       build.repairs.append(f"count: {reason}; stated {prev['instances']['count']}")
     elif field == "size" and values["size"] is not None:
       build.repairs.append(f"size: {reason}; stated the trusted length")

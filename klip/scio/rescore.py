@@ -31,15 +31,13 @@ import numpy as np
 
 from klip import inference as inference_lib
 from klip import predict
-from klip.data import chip as chip_lib
+from klip.data import caption as caption_lib
 from klip.data import schema
 from klip.data import text as text_lib
-from klip.data.tokenizer import DEC, PAD, TEMPLATE
+from klip.data.caption import DEC, PAD, TEMPLATE
 from klip.scio import table as table_lib
 from klip.scio import values as values_lib
 
-CLAUSES = len(chip_lib.TARGET_FIELDS)  # K: clauses per caption, the same in every family
-assert all(len(f) == CLAUSES for f in chip_lib.FAMILIES.values())
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 FillFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
@@ -149,7 +147,7 @@ def caption_texts(tokenizer, st: text_lib.StructuredText, max_len: int):
   in a variant: a rise in score when clause k goes is then clause k's doing alone. A clause
   whose value is cut off entirely cannot be judged: its variant is the full caption (no rise,
   so it is never flagged)."""
-  names = chip_lib.FAMILIES[st.family]
+  names = caption_lib.FAMILIES[st.family]
   if len(st.values) != len(names) or len(st.spans) != len(names):
     raise ValueError(f"caption has {len(st.spans)} clauses, the {st.family} schema has "
                      f"{len(names)} {names}: {st.caption!r}")
@@ -180,7 +178,7 @@ def caption_texts(tokenizer, st: text_lib.StructuredText, max_len: int):
 def _candidate(tokenizer, st, ids, clause, k) -> text_lib.StructuredText | None:
   """The rewritten structured text of a filled row, or None if the filled value is unusable."""
   value = tokenizer.decode(ids[clause == k]).strip()
-  if not value or value == st.values[k] or text_lib.SEPARATOR.strip() in value:
+  if not value or value == st.values[k] or caption_lib.SEPARATOR.strip() in value:
     return None
   return table_lib.rewritten(st, {k: value})
 
@@ -288,7 +286,7 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
                                                                tokenizer, max_len)
     unreadable, malformed, n = unreadable + bad_image, malformed + bad_text, len(kept)
     images = _padded(images, per, image_shape, np.float32)
-    texts = _padded(texts, per, (CLAUSES + 1, max_len), np.int32)
+    texts = _padded(texts, per, (caption_lib.CLAUSES + 1, max_len), np.int32)
     cosine, match = (x[:n] for x in score(images, texts))
     flag = screen(cosine, match, cfg.margin_cosine, cfg.margin_match)
     take = np.where(flag >= 0, flag + 1, 0)

@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from scipy import ndimage
 
+from klip.data import caption as caption_lib
 from klip.data import chip as chip_lib
 from klip.data import splits
 from klip.data import text as text_lib
@@ -186,7 +187,7 @@ class _NoPlaceText:
 
   def generate(self, chip: chip_lib.Chip):
     result = self._generator.generate(dataclasses.replace(chip, geo=_STAND_IN_PLACE))
-    values = [text_lib.GENERIC if name in PLACE_FIELDS else value
+    values = [caption_lib.GENERIC if name in PLACE_FIELDS else value
               for name, value in zip(chip.field_names, result.text.values)]
     return dataclasses.replace(
         result, text=text_lib.compose(chip.family, values),

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from klip.data import caption as caption_lib
 from klip.data import chip as chip_lib
 from klip.data import knowledge
 from klip.data import schema
@@ -146,7 +147,7 @@ def _entry(raw: Any, where: str, root: str) -> _Entry:
   if not isinstance(instances, list):
     raise sources.SkipError("field 'instances': must be a list")
   instances = tuple(_instance(r, k) for k, r in enumerate(instances))
-  family = _text(raw, "family", tuple(chip_lib.FAMILIES)) if "family" in raw else (
+  family = _text(raw, "family", tuple(caption_lib.FAMILIES)) if "family" in raw else (
       "target" if instances else "landform")
   count = raw.get("count", len(instances) if "instances" in raw else -1)
   if isinstance(count, bool) or not isinstance(count, int) or count < -1:
