@@ -14,6 +14,7 @@ from PIL import Image
 from klip.data import dataset
 from klip.data import schema
 from klip.data import text
+from klip.data.builders import archive
 from klip.data.builders import geotiff
 from klip.data.builders import manifest
 from klip.data.builders import mstar
@@ -282,6 +283,21 @@ def test_opensarship_tfds_build_and_rerun(tmp_path):
   again = opensarship.builder(data_dir, source=root, generator=FakeGenerator(), workers=1)
   again.download_and_prepare()  # reuses the dataset; skipped items come from skipped.json
   assert sorted(again.skipped, key=str) == sorted(b.skipped, key=str)
+
+
+def test_a_dataset_built_from_another_source_folder_is_refused_not_reused(tmp_path):
+  first, second = str(tmp_path / "first"), str(tmp_path / "second")
+  _fake_scene(first, nested=True)
+  _fake_scene(second, nested=True)
+  data_dir = str(tmp_path / "data")
+  opensarship.builder(data_dir, source=first, generator=FakeGenerator(),
+                      workers=1).download_and_prepare()
+  other = opensarship.builder(data_dir, source=second, generator=FakeGenerator(), workers=1)
+  with pytest.raises(archive.SourceMismatch, match=f"built from {first}, not {second}"):
+    other.download_and_prepare()
+  # the same folder again reuses the dataset
+  opensarship.builder(data_dir, source=first, generator=FakeGenerator(),
+                      workers=1).download_and_prepare()
 
 
 def test_mstar_tfds_build_subset(tmp_path):

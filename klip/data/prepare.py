@@ -113,7 +113,7 @@ def main(argv):
   from klip.data.builders import archive  # pylint: disable=g-import-not-at-top
   try:
     builder, report = prepare(_DATASET.value, _DATA_DIR.value, generator=gen, **options)
-  except archive.NothingToBuild as e:
+  except (archive.NothingToBuild, archive.SourceMismatch) as e:
     sys.exit(f"prepare: {e}")
   print(report_lib.to_markdown(report))
   print(f"report: {os.path.join(report['path'], 'build_report.md')}")

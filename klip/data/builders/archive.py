@@ -32,11 +32,16 @@ from klip.data import splits
 from klip.data.builders import sources
 
 SKIPPED_FILE = "skipped.json"
+SOURCE_FILE = "source.json"  # the source a dataset was built from, beside dataset_info.json
 UNREADABLE_SCENE = "no chip of this scene could be read; the scene is left out of the splits"
 
 
 class NothingToBuild(ValueError):
   """The source has no usable chip: every record was skipped (the message lists why)."""
+
+
+class SourceMismatch(ValueError):
+  """The dataset directory holds a dataset built from another source."""
 
 
 @dataclasses.dataclass
@@ -49,6 +54,10 @@ class ArchiveConfig(tfds.core.BuilderConfig):
 
 class ArchiveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Chips of a real archive with HCoT text, written in the KLIP record schema."""
+
+  # Whether the config name already tells sources apart (the manifest's content hash): then a
+  # moved copy of the same source reuses its dataset; else the recorded source must match.
+  NAMED_BY_CONTENT = False
 
   def __init__(self, *, generator, **kwargs):
     self._generator = generator
@@ -128,10 +137,27 @@ class ArchiveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                       generic=result.generic, repairs=result.repairs)
 
   def download_and_prepare(self, *args, **kwargs):
+    self._check_source()
     super().download_and_prepare(*args, **kwargs)
     if self._skipped is not None:  # generated in this call, not reused
       with open(os.path.join(self.data_dir, SKIPPED_FILE), "w") as f:
         json.dump([dataclasses.asdict(s) for s in self._skipped.values()], f, indent=1)
+      with open(os.path.join(self.data_dir, SOURCE_FILE), "w") as f:
+        json.dump({"source": self.builder_config.source}, f)
+
+  def _check_source(self) -> None:
+    """Refuses to reuse a dataset prepared here from another source folder (TFDS would reuse
+    it by name alone and write nothing)."""
+    path = os.path.join(self.data_dir, SOURCE_FILE)
+    if self.NAMED_BY_CONTENT or not os.path.exists(path):
+      return
+    with open(path) as f:
+      built_from = json.load(f)["source"]
+    if built_from != self.builder_config.source:
+      raise SourceMismatch(
+          f"{self.data_dir} holds {self.name}/{self.builder_config.name} built from "
+          f"{built_from}, not {self.builder_config.source}: use another --data_dir, or delete "
+          "that directory to rebuild it from the new source")
 
   @property
   def skipped(self) -> list[sources.Skipped]:

@@ -253,6 +253,7 @@ class Manifest(archive.ArchiveBuilder):
   """A lab's own GeoTIFF/PNG chips listed in a JSONL manifest; splits by scene (or city)."""
 
   VERSION = tfds.core.Version(VERSION)
+  NAMED_BY_CONTENT = True  # config_name: a moved copy of a manifest is the same dataset
   scene_ids_of = staticmethod(scene_ids)
   chips_of = staticmethod(chips)
 
