@@ -204,12 +204,17 @@ def corrupt_values(rng, tokens, clause, vocab_size: int, mask_p=0.5, random_p=0.
 
 
 def reconstruction(logits, tokens, clause, weights, smoothing: float = 0.1):
-  """Shifted next-token loss, counted only where the target is a value-span token.
+  """Shifted next-token loss, counted where the target is a value-span token or the end of one.
 
-  logits: [B, L, V] decoder outputs at positions 0..L-1 predicting tokens 1..L.
+  logits: [B, L, V] decoder outputs at positions 0..L-1 predicting tokens 1..L. The token
+  after a value span is its end, target [SEP] (the separator itself, or for the caption's last
+  clause the PAD after it): generation writes a value up to [SEP] (`predict.caption`,
+  `predict.fill_span`), so the decoder has to learn where a value stops, not only what it says.
   """
-  targets = tokens[:, 1:]
-  counted = (clause[:, 1:] >= 0) & (weights[:, None] > 0)
+  in_value = clause[:, 1:] >= 0
+  ends = (clause[:, :-1] >= 0) & ~in_value
+  targets = jnp.where(ends, caption_lib.SEP, tokens[:, 1:])
+  counted = (in_value | ends) & (weights[:, None] > 0)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   smooth = -jnp.mean(logp, axis=-1)

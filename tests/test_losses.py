@@ -147,24 +147,49 @@ def test_corruption_touches_only_value_tokens_in_the_right_proportions():
   assert abs(changed_random - 0.1) < 0.02 and np.all(span[span != caption_lib.MASK] > caption_lib.SEP)
 
 
-def test_reconstruction_counts_only_value_targets_with_label_smoothing():
+def test_reconstruction_counts_value_targets_and_span_ends_with_label_smoothing():
   rng = np.random.default_rng(2)
-  b, length, v = 3, 6, 11
+  b, length, v = 3, 8, 11
   logits = rng.normal(size=(b, length, v)).astype(np.float32)
   tokens = rng.integers(6, v, size=(b, length)).astype(np.int32)
   clause = np.full((b, length), -1, np.int32)
-  clause[:, 2:4] = 0
+  clause[:, 2:4] = 0       # a value span, then its separator
+  tokens[:, 4] = caption_lib.SEP
+  clause[:, 6:] = 1        # the last clause's value reaches the end: no end to count
   w = np.array([1, 0.5, 0], np.float32)
   loss, _ = losses.reconstruction(logits, tokens, clause, w, smoothing=0.1)
   logp = _log_softmax(logits[:, :-1], -1)
   total, norm = 0.0, 0.0
   for i in range(b):
     for t in range(length - 1):
-      if clause[i, t + 1] >= 0 and w[i] > 0:
-        per = 0.9 * -logp[i, t, tokens[i, t + 1]] + 0.1 * -logp[i, t].mean()
+      end = clause[i, t] >= 0 and clause[i, t + 1] < 0
+      if (clause[i, t + 1] >= 0 or end) and w[i] > 0:
+        target = caption_lib.SEP if end else tokens[i, t + 1]
+        per = 0.9 * -logp[i, t, target] + 0.1 * -logp[i, t].mean()
         total += w[i] * per
         norm += w[i]
   np.testing.assert_allclose(loss, total / norm, rtol=1e-5)
+
+
+def test_reconstruction_teaches_where_a_value_ends():
+  """The decoder writes a value until it emits [SEP] (predict.caption): the position after a
+  value span is a target, [SEP] even where the caption's last value is followed by PAD."""
+  length, v = 8, 11
+  tokens = np.array([[caption_lib.DEC, 7, 8, 9, caption_lib.SEP, 7, 10, caption_lib.PAD]],
+                    np.int32)
+  clause = np.array([[-1, -1, 0, 0, -1, -1, 1, -1]], np.int32)
+  targets = np.concatenate([tokens[:, 1:], [[caption_lib.PAD]]], axis=1)
+  perfect = np.full((1, length, v), -30.0, np.float32)
+  perfect[0, np.arange(length), targets[0]] = 30.0  # right on every token, PAD after the end
+  ends_at_sep = perfect.copy()
+  ends_at_sep[0, 6] = -30.0
+  ends_at_sep[0, 6, caption_lib.SEP] = 30.0         # after the last value: [SEP], not PAD
+  w = np.ones((1,), np.float32)
+  loss_pad, m_pad = losses.reconstruction(perfect, tokens, clause, w, smoothing=0.0)
+  loss_sep, m_sep = losses.reconstruction(ends_at_sep, tokens, clause, w, smoothing=0.0)
+  assert float(loss_sep) < 1e-6 < float(loss_pad)
+  assert float(m_sep["reconstruct/token_accuracy"]) == 1.0
+  assert abs(float(m_pad["reconstruct/token_accuracy"]) - 0.8) < 1e-6  # 3 values + 2 ends
 
 
 def _smoke_config(**loss):
