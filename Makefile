@@ -10,7 +10,7 @@ DEMO_WORKDIR ?= workdirs/tiny
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export GLIBC_TUNABLES
 
-.PHONY: venv demo eval test test-fast clean bench
+.PHONY: venv venv-tpu demo eval test test-fast clean bench
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Optional: .venv-tpu, the pinned stack plus libtpu (about 0.7 GB), for `klip.compile_ahead
+# --topology` (compiles for a TPU topology on this CPU). Never needed by `make test`.
+.venv-tpu/.installed: requirements.txt requirements-tpu.txt
+	$(PYTHON) -m venv .venv-tpu
+	.venv-tpu/bin/python -m pip install -q --upgrade pip
+	.venv-tpu/bin/python -m pip install -q -r requirements-tpu.txt
+	touch $@
+
+venv-tpu: .venv-tpu/.installed
 
 demo: venv
 	$(PY) -m klip.data.prepare --dataset=synthetic --data_dir=$(DATA_DIR) \

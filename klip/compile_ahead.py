@@ -1,22 +1,29 @@
 r"""Compiles a config's train step for a device count or TPU topology without running it.
 
   python -m klip.compile_ahead --config=configs/pretrain.py:base --devices=8
+  python -m klip.compile_ahead --config=configs/pretrain.py:base --topology=v5e:16x16
   python -m klip.compile_ahead --config=configs/pretrain.py:large --topology=v5e:4x4 \
       --config.mesh.fsdp=16
 
 Prints the per-device memory of the compiled executable (arguments, outputs, temporaries,
-peak). With `--topology` and libtpu installed (`pip install "jax[tpu]==<jax version>"`, not part
+peak). With `--topology` and libtpu installed (`pip install -r requirements-tpu.txt`, not part
 of requirements.txt) the step is compiled by the TPU compiler for that topology, no TPU needed;
-without libtpu, or without `--topology`, it is compiled for fake CPU devices and labelled a CPU
-estimate (CPU layouts and fusion differ from TPU and GPU: use it for scale, not for the limit).
+its memory is set against the chip's HBM (a fits / does-not-fit verdict), and `--fit` (on by
+default there) then finds, by compiling, the largest per-chip batch that fits for each remat
+policy of `--fit_policies` (`fit_search`). Without libtpu, or without `--topology`, the step is
+compiled for fake CPU devices and labelled a CPU estimate (CPU layouts and fusion differ from
+TPU and GPU: use it for scale, not for the limit).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
 import logging
 import math
 import re
+import time
 
 import jax
 import numpy as np
@@ -26,14 +33,19 @@ from flax.core import spmd as core_spmd
 
 from klip import objectives
 from klip import sharding
-from klip import train  # defines --config, whose train step this compiles
+from klip import train  # noqa: F401  # defines --config, whose train step this compiles
 from klip import train_state
 from klip import train_step
 from klip.data import pipeline
+from klip.model import layers
 
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices (CPU estimate).")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology, e.g. v5e:2x2, v5:2x2x1, v4:2x2x1.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice over DCN).")
+_FIT = flags.DEFINE_bool("fit", True, "On a TPU topology, also find the largest per-chip batch "
+                         "that fits HBM for each of --fit_policies (2-4 compiles each).")
+_FIT_POLICIES = flags.DEFINE_list("fit_policies", [], "Remat policies for --fit, from least "
+                                  "to most recompute (default: the config's own, then 'full').")
 
 # HBM per chip in GiB, as the TPU compiler reports it in its out-of-memory messages.
 HBM_GIB = {"v4": 30.75, "v5e": 15.75, "v5": 95.74, "v6e": 31.25}
@@ -92,6 +104,13 @@ def compile_step(config, devices):
     return mesh, lowered.compile()
 
 
+def batch_shards(config, mesh) -> int:
+  """How many ways the global batch is split: the mesh axes the "batch" logical axis maps to."""
+  axes = dict(config.sharding_rules)["batch"]
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def memory_report(compiled, *, peak: bool) -> dict[str, int]:
   """Per-device bytes from the executable's memory analysis.
 
@@ -108,6 +127,145 @@ def memory_report(compiled, *, peak: bool) -> dict[str, int]:
   if peak:
     report["peak"] = m.peak_memory_in_bytes
   return report
+
+
+def used_bytes(report: dict[str, int]) -> int:
+  """Bytes a step holds on one device: the larger of the sum of its parts and the peak."""
+  return max(report["total"], report.get("peak", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One compile of the fit search: a remat policy at a per-chip batch."""
+  policy: str
+  per_chip: int
+  used: int | None         # bytes per device; None: the compiler ran out of HBM, or over it
+  temporaries: int = 0
+  seconds: float = 0.0
+
+  @property
+  def fits(self) -> bool:
+    return self.used is not None
+
+
+def compile_trial(config, devices, policy: str, per_chip: int, hbm: int, log=print) -> Trial:
+  """Compiles `config` with remat `policy` at `per_chip` examples per batch shard."""
+  shards = batch_shards(config, sharding.make_mesh(config.mesh, devices))
+  c = copy.deepcopy(config)
+  c.model.remat_policy = policy
+  c.batch_size = per_chip * shards
+  log(f"fit: compiling remat {policy!r} at per-chip batch {per_chip} (global {c.batch_size})")
+  t0 = time.perf_counter()
+  try:
+    report = memory_report(compile_step(c, devices)[1], peak=True)
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler's out-of-HBM error
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report = None
+  seconds = time.perf_counter() - t0
+  used = used_bytes(report) if report else None
+  trial = Trial(policy, per_chip, used if used is not None and used <= hbm else None,
+                report["temporaries"] if report else 0, seconds)
+  log(f"fit:   {'%.2f GiB: fits' % (used / GIB) if trial.fits else 'does not fit'} "
+      f"({seconds:.0f} s)")
+  return trial
+
+
+def _power_of_two_below(n: int) -> int:
+  return 1 << ((n - 1).bit_length() - 1)
+
+
+def fit_search(config, devices, hbm_gib: float, policies, first: Trial | None = None,
+               log=print) -> tuple[list[Trial], dict[str, tuple[int, float]]]:
+  """Per remat policy, the largest per-chip batch (the start doubled or halved) within HBM.
+
+  Policies go from least to most recompute, so each fits at least the batch of the one before;
+  a policy starts there (the first starts at the config's per-chip batch b0). From the start
+  compile, all of its temporaries per example bound the bytes per example from above, and the
+  largest power of two this bound lets fit is compiled next. Two fitting compiles give the line
+  through them; the next power of two is compiled only if that line (or, with one point, bytes
+  proportional to the batch) says it fits, so the last "does not fit" may be a prediction
+  (`predicted_next`). A batch that does not fit is halved until one does. `first`: the compile
+  of `policies[0]` at b0, when the caller has it. Returns every compile, in order, and per policy
+  the (per-chip batch, bytes) predicted not to fit where that was not compiled.
+  """
+  hbm = int(hbm_gib * GIB)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  b = max(int(config.batch_size) // batch_shards(config, mesh), 1)
+  trials, predicted_next = [], {}
+  for policy in policies:
+    known = {}
+
+    def attempt(per_chip, policy=policy, known=known):
+      known[per_chip] = compile_trial(config, devices, policy, per_chip, hbm, log)
+      trials.append(known[per_chip])
+      return known[per_chip]
+
+    if first is not None and first.policy == policy and first.per_chip == b:
+      known[b] = first
+      trials.append(first)
+    start = known.get(b) or attempt(b)
+    if start.fits:  # the upper bound's largest power of two above the start, if any
+      b0, per_example = b, start.temporaries / b
+      while start.used + per_example * (2 * b - b0) <= hbm:  # bytes at 2b under the bound
+        b *= 2
+    while True:
+      t = known.get(b) or attempt(b)
+      if not t.fits:
+        if b == 1:
+          break
+        b = _power_of_two_below(b)
+        if b in known and known[b].fits:
+          break
+        continue
+      if 2 * b in known:  # compiled, and it did not fit
+        break
+      fitting = sorted(x for x, tr in known.items() if tr.fits)
+      if len(fitting) >= 2:
+        x1, x2 = fitting[-2:]
+        slope = (known[x2].used - known[x1].used) / (x2 - x1)
+        predicted = known[x2].used + slope * (2 * b - x2)
+      else:
+        predicted = 2 * t.used
+      if predicted > hbm:
+        predicted_next[policy] = (2 * b, predicted)
+        break
+      b *= 2
+    b = max((x for x, tr in known.items() if tr.fits), default=b)
+  return trials, predicted_next
+
+
+def best_per_policy(trials: list[Trial]) -> dict[str, Trial | None]:
+  """The largest fitting compile of each policy (None: nothing fitted)."""
+  out = {}
+  for t in trials:
+    best = out.get(t.policy)
+    if t.fits and (best is None or t.per_chip > best.per_chip):
+      out[t.policy] = t
+    else:
+      out.setdefault(t.policy, None)
+  return out
+
+
+def _format_fit(trials: list[Trial], predicted_next: dict, shards: int, hbm_gib: float) -> str:
+  lines = [f"fit search, compiled (HBM {hbm_gib:.2f} GiB per chip, {shards} batch shards):",
+           f"  {'remat policy':<34}{'per-chip batch':>15}{'global batch':>14}{'GiB':>8}"
+           f"{'compile s':>11}"]
+  for t in trials:
+    gib = f"{t.used / GIB:8.2f}" if t.fits else f"{'OOM':>8}"
+    lines.append(f"  {t.policy:<34}{t.per_chip:>15}{t.per_chip * shards:>14}{gib}"
+                 f"{t.seconds:>11.0f}")
+  for policy, best in best_per_policy(trials).items():
+    line = f"  largest per-chip batch that fits with remat {policy!r}: "
+    if best is None:
+      lines.append(line + "none, down to 1")
+      continue
+    line += f"{best.per_chip} (global {best.per_chip * shards}, {best.used / GIB:.2f} GiB)"
+    if policy in predicted_next:
+      nxt, b = predicted_next[policy]
+      line += f"; {nxt} predicted at {b / GIB:.1f} GiB, not compiled"
+    lines.append(line)
+  return "\n".join(lines)
 
 
 def _format(config, mesh, report, label: str, hbm_gib: float | None) -> str:
@@ -134,7 +292,7 @@ def main(argv):
   else:
     n = chips(topology) * _NUM_SLICES.value if topology else _DEVICES.value
     if topology:
-      print(f"libtpu is not installed (pip install \"jax[tpu]=={jax.__version__}\"): "
+      print(f"libtpu is not installed (pip install -r requirements-tpu.txt): "
             f"estimating {topology} on {n} CPU devices", flush=True)
     jax.config.update("jax_num_cpu_devices", n)
     devices = jax.devices("cpu")
@@ -143,9 +301,33 @@ def main(argv):
                            "devices (the backend was initialised with fewer)")
     devices = devices[:n]
     label = f"CPU estimate on {n} fake CPU devices (TPU/GPU layouts and fusion differ)"
-  mesh, compiled = compile_step(config, devices)
-  report = memory_report(compiled, peak=on_tpu)
-  print(_format(config, mesh, report, label, hbm), flush=True)
+  t0 = time.perf_counter()
+  try:
+    mesh, compiled = compile_step(config, devices)
+  except jax.errors.JaxRuntimeError as e:
+    if not (on_tpu and "RESOURCE_EXHAUSTED" in str(e)):
+      raise
+    mesh, compiled = sharding.make_mesh(config.mesh, devices), None
+    print(f"compile-ahead: {config.variant} at global batch {config.batch_size} does NOT fit "
+          f"{topology}: {str(e).splitlines()[0][:300]}", flush=True)
+  seconds = time.perf_counter() - t0
+  shipped = None
+  if compiled is not None:
+    report = memory_report(compiled, peak=on_tpu)
+    print(_format(config, mesh, report, label, hbm), flush=True)
+    if hbm is not None:
+      used = used_bytes(report)
+      shipped = Trial(config.model.remat_policy,
+                      max(int(config.batch_size) // batch_shards(config, mesh), 1),
+                      used if used <= hbm * GIB else None, report["temporaries"], seconds)
+  if on_tpu and hbm is not None and _FIT.value:
+    policies = list(_FIT_POLICIES.value) or list(dict.fromkeys(
+        (config.model.remat_policy, "full")))
+    for p in policies:
+      layers.check_remat_policy(p)
+    trials, predicted_next = fit_search(config, devices, hbm, policies, first=shipped,
+                                        log=lambda m: print(m, flush=True))
+    print(_format_fit(trials, predicted_next, batch_shards(config, mesh), hbm), flush=True)
 
 
 if __name__ == "__main__":

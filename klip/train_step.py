@@ -19,7 +19,6 @@ from klip import optim
 
 def make_train_step(config, graphdef):
   accum = config.grad_accum_steps
-  base_key = jax.random.key(config.seed)
   mcfg = config.loss.momentum
 
   def loss_and_grads(model, batch, rng, momentum):
@@ -46,7 +45,9 @@ def make_train_step(config, graphdef):
     # A read-only view: the new state is built from pure arrays below, never by mutating
     # Variables, so XLA can update the donated buffers in place.
     ts = nnx.merge(graphdef, state)
-    rng = jax.random.fold_in(base_key, step)
+    # the key is made inside the trace: an eager one would run on the default backend, which
+    # compile-only devices (klip.compile_ahead --topology) cannot
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
     momentum = ((ts.momentum, (ts.image_queue[...], ts.text_queue[...])) if mcfg.enabled
                 else None)
     (loss, (metrics, features)), grads = loss_and_grads(ts.model, batch, rng, momentum)

@@ -375,30 +375,3 @@ def test_a_missing_worker_fails_fast_with_a_message(tmp_path, data_dir):
 def _free_port():
   import portpicker  # pylint: disable=g-import-not-at-top
   return portpicker.pick_unused_port()
-
-
-# ---------------------------------------------------------------------------------------------
-# Compile-ahead: the train step compiled for a mesh without running it.
-# ---------------------------------------------------------------------------------------------
-def test_compile_ahead_reports_per_device_memory(data_dir):
-  from klip import compile_ahead  # pylint: disable=g-import-not-at-top
-  config = smoke_config(data_dir, **{"mesh.fsdp": 2})
-  mesh, compiled = compile_ahead.compile_step(config, jax.devices()[:2])
-  assert dict(mesh.shape) == dict(slice=1, data=1, fsdp=2, tensor=1)
-  report = compile_ahead.memory_report(compiled, peak=False)
-  assert report["arguments"] > 0 and report["temporaries"] > 0
-  assert report["aliased"] > 0  # the donated train state
-  assert report["total"] == (report["arguments"] + report["outputs"] - report["aliased"] +
-                             report["temporaries"])
-
-
-@pytest.mark.parametrize("name, n", [("v5e:2x2", 4), ("v4:2x2x1", 4), ("v5e:16x16", 256)])
-def test_compile_ahead_topology_chip_counts(name, n):
-  from klip import compile_ahead  # pylint: disable=g-import-not-at-top
-  assert compile_ahead.chips(name) == n
-
-
-def test_compile_ahead_bad_topology_name():
-  from klip import compile_ahead  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="topology 'v5e-4' is not of the form v5e:2x2"):
-    compile_ahead.chips("v5e-4")
