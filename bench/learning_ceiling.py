@@ -95,7 +95,8 @@ def train_ceiling(run, mesh, rules, tasks: list[TaskData], budget_s: float,
   d, m = run.data, run.model
   pre = pipeline.Preprocess(tokenizer_path=like.tokenizer.path, image_size=m.image_size,
                             channels=m.channels, max_len=m.text.max_len, db_min=d.db_min,
-                            db_max=d.db_max, train=True, gain_db=d.gain_db)
+                            db_max=d.db_max, train=True, gain_db=d.gain_db,
+                            max_shift=d.max_shift)  # no flip: it would move position labels
   shards = int(np.prod([mesh.shape[a] for a in ("slice", "data", "fsdp") if a in mesh.shape]))
   batch = max(shards, int(run.batch_size) // shards * shards)
   rng = np.random.default_rng(int(run.seed))

@@ -55,11 +55,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # Data: a dataset prepared by `python -m klip.data.prepare` ("builder/config" under data_dir).
   # Augmentation (klip/data/pipeline.py Preprocess): gain_db calibration jitter, max_shift
-  # bounds training crops of larger chips around the centre (-1: anywhere), flip_p mirrors
-  # image and position words top to bottom.
+  # bounds training crops of larger chips to that many pixels from the centre crop (-1:
+  # anywhere; real chips are centred on their target, which a crop from anywhere cuts off),
+  # flip_p mirrors image and position words top to bottom.
   c.data = dict(dataset="synthetic/n4000_s64_c2_seed0", data_dir="data", split="train",
                 num_workers=0, num_threads=2, db_min=-30.0, db_max=10.0, gain_db=1.0,
-                max_shift=-1, flip_p=0.0)
+                max_shift=8, flip_p=0.0)
   # Tokenizer: trained on the training split's captions unless `path` names one.
   c.tokenizer = dict(path="", max_sentences=200_000)  # vocabulary: model.text.vocab_size
 
