@@ -17,6 +17,7 @@ from bench import common
 from bench import flops
 from bench import gpu_profile
 from bench import gpu_step
+from bench import scaling
 from klip.data import caption as caption_lib
 from tests.conftest import smoke_config
 
@@ -59,6 +60,23 @@ def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
   count = (flops.full_step(config) if objectives.startswith("full")
            else flops.contrast_step(config.model, config.batch_size))
   assert counted == pytest.approx(count.train_total, rel=0.02)
+
+
+def test_scaling_arithmetic_follows_flops_peak_and_mfu():
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  rows = scaling.rows()
+  assert {(r["variant"], r["slice"], r["mfu"]) for r in rows} == {
+      (v, s, m) for v in ("base", "large") for s in ("v5e-256", "v5p-1024")
+      for m in scaling.ASSUMED_MFU}
+  for r in rows:
+    config = pretrain.get_config(r["variant"])
+    step_flops = flops.full_step(config, batch=r["batch"]).train_total
+    chip = "v5e" if r["slice"] == "v5e-256" else "v5p"
+    want = step_flops / (r["chips"] * scaling.PEAK_TFLOPS[chip] * 1e12 * r["mfu"])
+    np.testing.assert_allclose(r["step_s"], want, rtol=1e-9)
+    np.testing.assert_allclose(r["hours"][100_000_000], 100 * r["hours"][1_000_000])
+  doubled = scaling.rows(per_chip_batch=16)
+  assert all(d["batch"] == 16 * d["chips"] for d in doubled)
 
 
 def test_gpu_step_imports_no_data_stack():
