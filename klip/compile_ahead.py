@@ -44,6 +44,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology, e.g. v5e:2x2, v5:
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice over DCN).")
 _FIT = flags.DEFINE_bool("fit", True, "On a TPU topology, also find the largest per-chip batch "
                          "that fits HBM for each of --fit_policies (2-4 compiles each).")
+_FIT_MAX = flags.DEFINE_integer("fit_max_per_chip", 512, "Largest per-chip batch --fit tries.")
 _FIT_POLICIES = flags.DEFINE_list("fit_policies", [], "Remat policies for --fit, from least "
                                   "to most recompute (default: the config's own, then 'full').")
 
@@ -176,6 +177,7 @@ def _power_of_two_below(n: int) -> int:
 
 
 def fit_search(config, devices, hbm_gib: float, policies, first: Trial | None = None,
+               max_per_chip: int = 512,
                log=print) -> tuple[list[Trial], dict[str, tuple[int, float]]]:
   """Per remat policy, the largest per-chip batch (the start doubled or halved) within HBM.
 
@@ -207,7 +209,7 @@ def fit_search(config, devices, hbm_gib: float, policies, first: Trial | None = 
     start = known.get(b) or attempt(b)
     if start.fits:  # the upper bound's largest power of two above the start, if any
       b0, per_example = b, start.temporaries / b
-      while start.used + per_example * (2 * b - b0) <= hbm:  # bytes at 2b under the bound
+      while 2 * b <= max_per_chip and start.used + per_example * (2 * b - b0) <= hbm:
         b *= 2
     while True:
       t = known.get(b) or attempt(b)
@@ -218,7 +220,7 @@ def fit_search(config, devices, hbm_gib: float, policies, first: Trial | None = 
         if b in known and known[b].fits:
           break
         continue
-      if 2 * b in known:  # compiled, and it did not fit
+      if 2 * b in known or 2 * b > max_per_chip:  # compiled and did not fit, or the cap
         break
       fitting = sorted(x for x, tr in known.items() if tr.fits)
       if len(fitting) >= 2:
@@ -326,6 +328,7 @@ def main(argv):
     for p in policies:
       layers.check_remat_policy(p)
     trials, predicted_next = fit_search(config, devices, hbm, policies, first=shipped,
+                                        max_per_chip=_FIT_MAX.value,
                                         log=lambda m: print(m, flush=True))
     print(_format_fit(trials, predicted_next, batch_shards(config, mesh), hbm), flush=True)
 

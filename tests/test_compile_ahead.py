@@ -85,10 +85,22 @@ def test_fit_search_finds_the_largest_batch_with_few_compiles(data_dir, monkeypa
     # the next doubling either compiled and failed, or was predicted (correctly) not to fit
     if (policy, 2 * b) in compiled:
       assert not [t for t in trials if t.policy == policy and t.per_chip == 2 * b][0].fits
+    elif 2 * b > 512:  # fit_search's default cap
+      assert policy not in predicted
     else:
       nxt, predicted_bytes = predicted[policy]
       assert nxt == 2 * b and predicted_bytes > hbm
       assert STATE + CONSTANT + PER_EXAMPLE[policy] * nxt > hbm
+
+
+def test_fit_search_stops_at_the_cap(data_dir, monkeypatch):
+  config = smoke_config(data_dir)
+  compiled = []
+  _fake_compiles(monkeypatch, compiled)
+  trials, predicted = compile_ahead.fit_search(config, jax.devices()[:1], 95.74, ["full"],
+                                               max_per_chip=32, log=lambda m: None)
+  assert compile_ahead.best_per_policy(trials)["full"].per_chip == 32
+  assert max(b for _, b in compiled) == 32 and "full" not in predicted
 
 
 def test_fit_search_halves_a_start_that_does_not_fit(data_dir, monkeypatch):
@@ -124,10 +136,11 @@ def test_tpu_topology_compile_prints_verdict_and_fit(data_dir, tmp_path):
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(
       [sys.executable, "-m", "klip.compile_ahead", "--config=configs/pretrain.py:smoke",
-       "--topology=v5e:2x2", "--fit_policies=full", f"--config.data.data_dir={data_dir}"],
+       "--topology=v5e:2x2", "--fit_policies=full", "--fit_max_per_chip=8",
+       f"--config.data.data_dir={data_dir}"],
       cwd=_ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
   assert "TPU topology v5e:2x2 x 1 slice(s) (TPU v5 lite)" in text, text
   assert "HBM per chip 15.75 GiB: fits" in text, text
-  assert "largest per-chip batch that fits with remat 'full': " in text, text
+  assert "largest per-chip batch that fits with remat 'full': 8 (global 32" in text, text
