@@ -91,7 +91,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # (1 - weight_floor) * match probability) and, from reconstruct_from_fraction of total_steps
   # on, refills the flagged value span (at most max_span tokens; with fill_candidates = N > 0
   # the field's N most frequent other values compete with the fill, ranked by the decoder's
-  # log-likelihood of the caption: klip/scio/values.py). A new table takes effect at
+  # log-likelihood of the caption: klip/data/values.py). A new table takes effect at
   # the next epoch boundary. initial_table: a JSON pair table to start from instead of the
   # clean one.
   c.scio = dict(enabled=variant != "smoke", every_steps=50, slice_size=64, batch_size=64,

@@ -43,7 +43,7 @@ from klip import sharding
 from klip import train_state
 from klip.train_step import make_train_step
 from klip.data import dataset as dataset_lib
-from klip.data import negatives as negatives_lib
+from klip.data import values as values_lib
 from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
@@ -244,7 +244,7 @@ def train(config, workdir: str) -> dict:
         channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,
         db_max=d.db_max, train=True, gain_db=d.gain_db, max_shift=d.max_shift, flip_p=d.flip_p,
         clause_len=objectives.clause_tokens_len(config),
-        negatives=negatives_lib.ValuePool.collect(source) if swap else None)
+        negatives=values_lib.ValuePool.sample(source) if swap else None)
     batches = pipeline.local_batches(
         source, preprocess, seed=config.seed, global_batch=config.batch_size,
         start_example=examples_seen, process_index=jax.process_index(),

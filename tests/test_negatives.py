@@ -9,6 +9,7 @@ from klip.data import negatives
 from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
+from klip.data import values as values_lib
 
 NAME = "synthetic/n160_s32_c2_seed0"
 
@@ -20,15 +21,14 @@ def source(data_dir):
 
 @pytest.fixture(scope="module")
 def pool(source):
-  return negatives.ValuePool.collect(source)
+  return values_lib.ValuePool.sample(source)
 
 
-def test_pool_holds_only_observable_fields_seen_in_the_records(source, pool):
-  assert pool.values and all(field in caption_lib.OBSERVABLE_FIELDS for _, field in pool.values)
+def test_pool_holds_the_fields_seen_in_the_records(source, pool):
+  assert pool.counts and any(f in caption_lib.OBSERVABLE_FIELDS for _, f in pool.counts)
   st = schema.structured_text(source[0])
   for name, value in zip(st.field_names, st.values):
-    if name in caption_lib.OBSERVABLE_FIELDS:
-      assert value in pool.values[(st.family, name)]
+    assert value in pool.distinct(st.family, name)
 
 
 def test_swap_changes_exactly_one_observable_clause_never_the_skipped_one(source, pool):
@@ -37,22 +37,21 @@ def test_swap_changes_exactly_one_observable_clause_never_the_skipped_one(source
   for i in range(len(source)):
     st = schema.structured_text(source[i])
     skip = i % len(st.values)
-    out = pool.swap(st, rng, skip=skip)
+    out = negatives.swap(pool, st, rng, skip=skip)
     assert out is not None
     changed = [k for k in range(len(st.values)) if out.values[k] != st.values[k]]
     assert len(changed) == 1 and changed[0] != skip
     name = st.field_names[changed[0]]
     assert name in caption_lib.OBSERVABLE_FIELDS
-    assert out.values[changed[0]] in pool.values[(st.family, name)]
+    assert out.values[changed[0]] in pool.distinct(st.family, name)
     swapped_fields.add(name)
   assert len(swapped_fields) >= 4  # the choice is spread over the fields
 
 
 def test_swap_gives_none_when_no_field_has_another_value(source):
   st = schema.structured_text(source[0])
-  single = negatives.ValuePool({(st.family, n): (v,) for n, v in zip(st.field_names, st.values)
-                                if n in caption_lib.OBSERVABLE_FIELDS})
-  assert single.swap(st, np.random.default_rng(0)) is None
+  single = values_lib.ValuePool.from_texts([st])
+  assert negatives.swap(single, st, np.random.default_rng(0)) is None
 
 
 def test_collect_names_the_problem_when_nothing_is_readable():
@@ -64,7 +63,7 @@ def test_collect_names_the_problem_when_nothing_is_readable():
       raise OSError("unreadable")
 
   with pytest.raises(ValueError, match="no readable record among the 3 sampled"):
-    negatives.ValuePool.collect(Broken())
+    values_lib.ValuePool.sample(Broken())
 
 
 def test_pipeline_carries_the_swapped_caption(source, pool, tmp_path):

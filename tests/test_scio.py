@@ -23,7 +23,7 @@ from klip.data import tokenizer as tokenizer_lib
 from klip.scio import rescore
 from klip.scio import schedule
 from klip.scio import table as table_lib
-from klip.scio import values as values_lib
+from klip.data import values as values_lib
 
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
             reconstruct_from_fraction=0.5, margin_cosine=0.0, margin_match=0.0,

@@ -21,6 +21,7 @@ from PIL import Image
 
 from klip.data import caption as caption_lib
 from klip.data import negatives as negatives_lib
+from klip.data import values as values_lib
 from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
@@ -86,7 +87,7 @@ class Preprocess(grain.transforms.RandomMap):
   table: Overrides | None = None
   # Clause-swap negatives (`loss.clause_negatives`): each example also carries `swap_tokens`,
   # its caption with one observable value swapped, and `has_swap` (0 where none could be made).
-  negatives: negatives_lib.ValuePool | None = None
+  negatives: values_lib.ValuePool | None = None
 
   def __post_init__(self):
     if self.negatives is not None and not self.train:
@@ -125,7 +126,8 @@ class Preprocess(grain.transforms.RandomMap):
       out["clause_tokens"] = self._tokenizer().encode_text(
           _random_clause(st, rng, skip), self.clause_len)
     if self.negatives is not None:
-      swapped = self.negatives.swap(st, rng, skip, visible=set(clause[clause >= 0].tolist()))
+      swapped = negatives_lib.swap(self.negatives, st, rng, skip,
+                                   visible=set(clause[clause >= 0].tolist()))
       swap = (self._tokenizer().encode_caption(swapped, self.max_len, skip=skip)[0]
               if swapped is not None else tokens)
       # a swap cut off by max_len leaves the caption unchanged: not a negative

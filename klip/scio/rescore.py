@@ -34,9 +34,9 @@ from klip import predict
 from klip.data import caption as caption_lib
 from klip.data import schema
 from klip.data import text as text_lib
+from klip.data import values as values_lib
 from klip.data.caption import DEC, PAD, TEMPLATE
 from klip.scio import table as table_lib
-from klip.scio import values as values_lib
 
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -19,9 +19,9 @@ import time
 import jax
 
 from klip import optim
+from klip.data import values as values_lib
 from klip.scio import rescore
 from klip.scio import table as table_lib
-from klip.scio import values as values_lib
 
 
 def stage_at(step: int, schedule_steps: int, cfg) -> rescore.Stage:

@@ -1,0 +1,75 @@
+"""The values each caption field takes over a set of captions: one pool, two users.
+
+Clause-swap negatives (`klip/data/negatives.py`, `loss.clause_negatives`) give an observable
+field another of its values, drawn uniformly from the distinct ones; SCIO's reconstruct stage
+(`klip/scio/rescore.py`, `scio.fill_candidates`) offers the decoder a field's most frequent
+other values. Both read the same counts, keyed by (caption family, field name). Plain data, so a
+pool pickles to Grain workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import numpy as np
+
+from klip.data import schema
+from klip.data import text as text_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ValuePool:
+  """How often each value of each (family, field name) occurs."""
+  counts: dict[tuple[str, str], dict[str, int]]
+
+  @classmethod
+  def from_texts(cls, texts) -> ValuePool:
+    counts = collections.defaultdict(collections.Counter)
+    for st in texts:
+      for name, value in zip(st.field_names, st.values):
+        counts[(st.family, name)][value] += 1
+    return cls({key: dict(c) for key, c in counts.items()})
+
+  @classmethod
+  def from_source(cls, source) -> ValuePool:
+    """Counts the caption of every record of `source` (an unreadable record raises)."""
+    return cls.from_texts(schema.structured_text(source[i]) for i in range(len(source)))
+
+  @classmethod
+  def sample(cls, source, max_records: int = 5000) -> ValuePool:
+    """Counts up to `max_records` records spread evenly over `source`; unreadable records are
+    passed over (the pipeline logs them). Raises ValueError if no record could be read."""
+    n = len(source)
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_records)).astype(int)) if n else []
+    texts = []
+    for i in rows:
+      try:
+        texts.append(schema.structured_text(source[int(i)]))
+      except Exception:  # pylint: disable=broad-except  # counted below; the pipeline logs it
+        continue
+    if not texts:
+      raise ValueError(f"no readable record among the {len(rows)} sampled for clause negatives")
+    return cls.from_texts(texts)
+
+  @functools.cached_property
+  def _distinct(self) -> dict[tuple[str, str], tuple[str, ...]]:
+    return {key: tuple(sorted(c)) for key, c in self.counts.items()}
+
+  @functools.cached_property
+  def _ranked(self) -> dict[tuple[str, str], tuple[str, ...]]:
+    return {key: tuple(v for v, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+            for key, c in self.counts.items()}
+
+  def distinct(self, family: str, name: str) -> tuple[str, ...]:
+    """The values of field `name` in `family` captions, sorted."""
+    return self._distinct.get((family, name), ())
+
+  def others(self, st: text_lib.StructuredText, k: int, n: int,
+             exclude: tuple[str, ...] = ()) -> list[str]:
+    """Up to n values of clause k's field in `st`'s family, most frequent first (ties by
+    value), other than its own value and `exclude`."""
+    skip = {st.values[k], *exclude}
+    ranked = self._ranked.get((st.family, st.field_names[k]), ())
+    return [v for v in ranked if v not in skip][:n]
