@@ -22,7 +22,7 @@ timed step per round penalised whichever side ran first. FLOP parity: matmul FLO
 compiled XLA step (dots and convolutions of its optimized HLO) against torch's FlopCounterMode,
 and against the analytic count (bench/flops.py); all three must agree within 2 %.
 
-  .venv/bin/python -m bench.b1_contrast                # ViT-Ti and ViT-S, 3 rounds
+  .venv/bin/python -m bench.b1_contrast                # ViT-Ti and ViT-S, 5 rounds
   .venv/bin/python -m bench.b1_contrast --vits=ti --rounds=1 --steps=1   # quick check
 """
 
@@ -88,7 +88,7 @@ class LeanStep:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--vits", default="ti,s", help="comma list of ti, s")
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=1, help="timed steps per side per round")
   p.add_argument("--warmup", type=int, default=1,
                  help="untimed steps before each side's timed ones, every round")
@@ -167,8 +167,10 @@ def main(argv=None) -> dict:
     worker = key.rsplit("_", 1)[0]
     calib_rates = rates.get(f"{worker}_matmul", mm)
     best = rates.get(f"best_torch_{r['vit']}")
-    vs_torch = (common.median(common.ratios(pairs, best))
-                if best and key.startswith(("klip", "lean")) else float("nan"))
+    per_round = (common.ratios(pairs, best) if best and key.startswith(("klip", "lean"))
+                 else [])
+    vs_torch = common.median(per_round)
+    spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if per_round else ""
     frac = common.median(common.ratios(achieved, mm))
     frac_own = common.median(common.ratios(achieved, calib_rates))
     parity = r["counted"] / r["analytic"] - 1
@@ -176,11 +178,12 @@ def main(argv=None) -> dict:
              gflop_per_pair=per_pair / 1e9, achieved_gflops=common.median(achieved) / 1e9,
              frac_xla_matmul=frac, frac_own_matmul=frac_own, counted_vs_analytic=parity)
     rows.append([f"ViT-{r['vit'].upper()}/16", r["side"], r["pairs_per_s"],
-                 r["pairs_per_s_best"], vs_torch, r["gflop_per_pair"],
+                 r["pairs_per_s_best"], vs_torch, spread, r["gflop_per_pair"],
                  f"{parity:+.2%}", r["achieved_gflops"], f"{frac:.0%}", f"{frac_own:.0%}"])
     figures[f"{key}_pairs_s"] = r["pairs_per_s"]
     if key.startswith(("klip", "lean")):
       figures[f"{key}_vs_open_clip"] = vs_torch
+      figures[f"{key}_vs_open_clip_rounds"] = "/".join(f"{x:.3f}" for x in per_round)
     figures[f"{key}_frac_matmul"] = frac
   for vit in vits:
     if f"best_torch_{vit}" in rates:
@@ -201,10 +204,11 @@ def main(argv=None) -> dict:
   log(f"B1 contrastive step (batch {args.batch}, f32, 2 threads; {args.rounds} interleaved "
       f"rounds; same-run f32 matmul GFLOP/s: XLA {common.median(mm) / 1e9:.0f}"
       + (f", {mm_text}" if mm_text else "") + f"; load {load_start:.1f}->{common.load():.1f})")
-  log(common.table(rows, ["model", "side", "pairs/s", "best", "vs open_clip",
+  log(common.table(rows, ["model", "side", "pairs/s", "best", "vs open_clip", "range",
                           "GFLOP/pair", "vs analytic", "GFLOP/s", "of XLA mm",
                           "of own mm"]))
-  log("(vs open_clip: per-round ratio to the faster open_clip worker of that round)")
+  log("(vs open_clip: median of the per-round ratios to the faster open_clip worker of that "
+      "round; range: their lowest and highest)")
   if parity_rows:
     log("\nFLOP parity (matmul FLOPs per step: XLA dots+convs of the compiled step vs torch "
         "FlopCounterMode; within 2 %)")
