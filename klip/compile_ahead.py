@@ -184,10 +184,9 @@ def fit_search(config, devices, hbm_gib: float, policies, first: Trial | None = 
   Policies go from least to most recompute, so each fits at least the batch of the one before;
   a policy starts there (the first starts at the config's per-chip batch b0). From the start
   compile, all of its temporaries per example bound the bytes per example from above, and the
-  largest power of two this bound lets fit is compiled next. Two fitting compiles give the line
-  through them; the next power of two is compiled only if that line (or, with one point, bytes
-  proportional to the batch) says it fits, so the last "does not fit" may be a prediction
-  (`predicted_next`). A batch that does not fit is halved until one does. `first`: the compile
+  largest doubling this bound lets fit is compiled next. With one fitting compile the next
+  doubling is compiled; with two, the line through them predicts it, and it is compiled only if
+  the line says it fits, so the last "does not fit" may be a prediction (`predicted_next`). A batch that does not fit is halved until one does. `first`: the compile
   of `policies[0]` at b0, when the caller has it. Returns every compile, in order, and per policy
   the (per-chip batch, bytes) predicted not to fit where that was not compiled.
   """
@@ -223,16 +222,14 @@ def fit_search(config, devices, hbm_gib: float, policies, first: Trial | None = 
       if 2 * b in known or 2 * b > max_per_chip:  # compiled and did not fit, or the cap
         break
       fitting = sorted(x for x, tr in known.items() if tr.fits)
-      if len(fitting) >= 2:
+      if len(fitting) >= 2:  # the line through the two largest fitting compiles
         x1, x2 = fitting[-2:]
         slope = (known[x2].used - known[x1].used) / (x2 - x1)
         predicted = known[x2].used + slope * (2 * b - x2)
-      else:
-        predicted = 2 * t.used
-      if predicted > hbm:
-        predicted_next[policy] = (2 * b, predicted)
-        break
-      b *= 2
+        if predicted > hbm:
+          predicted_next[policy] = (2 * b, predicted)
+          break
+      b *= 2  # with one fitting compile, the next doubling is compiled
     b = max((x for x, tr in known.items() if tr.fits), default=b)
   return trials, predicted_next
 
