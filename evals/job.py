@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 import traceback
 
 import jax
+from etils import epath
 
 from evals import artifacts as artifacts_lib
 from evals import data as data_lib
@@ -23,6 +23,7 @@ from evals.predictor import Predictor
 from klip import checkpoint as checkpoint_lib
 from klip import faults
 from klip import inference as inference_lib
+from klip import paths
 from klip import provenance
 from klip import sharding
 from klip.data import dataset as dataset_lib
@@ -62,10 +63,10 @@ def merged_rows(metrics_path: str) -> list[dict]:
   """One row per evaluated step of a metrics.jsonl: its rows merged in order (a later
   evaluation of the same evaluator, e.g. an `--only` rerun or the rerun of a step whose job was
   killed before its ledger entry, replaces that evaluator's metrics and status)."""
-  if not os.path.exists(metrics_path):
+  if not epath.Path(metrics_path).exists():
     return []
   merged: dict[int, dict] = {}
-  with open(metrics_path) as f:
+  with epath.Path(metrics_path).open() as f:
     for row in (json.loads(line) for line in f if line.strip()):
       into = merged.setdefault(row["step"], {"step": row["step"], "metrics": {},
                                              "skipped": {}, "failed": {}})
@@ -77,18 +78,19 @@ def merged_rows(metrics_path: str) -> list[dict]:
 
 
 class Job:
-  """One eval config watching one training workdir."""
+  """One eval config watching one training workdir (local or gs://; its outputs go through
+  klip/paths.py)."""
 
   def __init__(self, config, workdir: str):
     self.config = config
-    self.workdir = os.path.abspath(workdir)
-    self.eval_dir = os.path.join(self.workdir, "eval")
-    self.checkpoints = os.path.join(self.workdir, "checkpoints")
+    self.workdir = paths.resolve(workdir)
+    self.eval_dir = str(epath.Path(self.workdir) / "eval")
+    self.checkpoints = str(epath.Path(self.workdir) / "checkpoints")
     self.processes = inference_lib.Processes()
     self.writes = self.processes.index == 0
-    self.ledger = ledger_lib.Ledger(os.path.join(self.eval_dir, "ledger.json"),
+    self.ledger = ledger_lib.Ledger(epath.Path(self.eval_dir) / "ledger.json",
                                     write=self.writes)
-    self.metrics_path = os.path.join(self.eval_dir, "metrics.jsonl")
+    self.metrics_path = str(epath.Path(self.eval_dir) / "metrics.jsonl")
     self.mesh = sharding.make_mesh(config.mesh)
     self._tb = None
     self._datasets = None
@@ -96,7 +98,7 @@ class Job:
 
   def started(self) -> bool:
     """Whether the training run has recorded its config (WORKDIR/config.json)."""
-    return os.path.exists(os.path.join(self.workdir, "config.json"))
+    return (epath.Path(self.workdir) / "config.json").exists()
 
   def pending(self) -> list[int]:
     """The finished steps not yet evaluated, as process 0 sees them (a checkpoint that lands
@@ -165,7 +167,7 @@ class Job:
           source_root=self.config.source_root, pretrain=train_cfg.data,
           max_examples=self.config.max_examples)
     datasets = self._datasets
-    directory = os.path.join(self.eval_dir, f"step_{step}")
+    directory = str(epath.Path(self.eval_dir) / f"step_{step}")
     outcomes = run_evaluators(self.config, predictor, datasets, directory, only,
                               write=self.writes)
     row = {"step": step, "time": time.time(), "seconds": time.time() - start,
@@ -196,12 +198,11 @@ class Job:
     return merged_rows(self.metrics_path)
 
   def _append(self, row: dict) -> None:
-    os.makedirs(self.eval_dir, exist_ok=True)
-    with open(self.metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    if self._tb is None:
+    epath.Path(self.eval_dir).mkdir(parents=True, exist_ok=True)
+    paths.append(self.metrics_path, json.dumps(row) + "\n")
+    if self._tb is None:  # tensorboardX writes gs:// through google-cloud-storage
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(self.eval_dir, "tb"))
+      self._tb = SummaryWriter(str(epath.Path(self.eval_dir) / "tb"))
     for name, value in row["metrics"].items():
       self._tb.add_scalar(name, value, row["step"])
     self._tb.flush()

@@ -4,27 +4,30 @@ concurrent watcher never evaluates a step twice, and the steps it missed, with w
 A step enters the ledger only after its metrics and report are written: a job killed while
 evaluating a step evaluates it again when restarted. A step the training run saved but deleted
 (checkpoint rotation) or set aside (damaged) before it was evaluated is entered as missed, so a
-gap in the evaluated steps is always explained. Writes are atomic (temp file + rename).
+gap in the evaluated steps is always explained. Writes are atomic (klip/paths.py: a temp file
+and a rename locally, one object write on GCS).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+
+from etils import epath
+
+from klip import paths
 
 
 class Ledger:
 
   def __init__(self, path: str, *, write: bool = True):
     """write: whether `mark` writes the file (in a multi-process job, process 0 alone)."""
-    self.path = path
+    self.path = epath.Path(path)
     self.write = write
     self._done: dict[int, dict] = {}
     self._missed: dict[int, str] = {}
-    if os.path.exists(path):
-      with open(path) as f:
-        payload = json.load(f)
+    if self.path.exists():
+      payload = json.loads(self.path.read_text())
       self._done = {int(k): v for k, v in payload.get("done", {}).items()}
       self._missed = {int(k): v for k, v in payload.get("missed", {}).items()}
 
@@ -53,9 +56,7 @@ class Ledger:
   def _save(self) -> None:
     if not self.write:
       return
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"done": {str(k): v for k, v in sorted(self._done.items())},
-                 "missed": {str(k): v for k, v in sorted(self._missed.items())}}, f, indent=1)
-    os.replace(tmp, self.path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_atomic(self.path, json.dumps(
+        {"done": {str(k): v for k, v in sorted(self._done.items())},
+         "missed": {str(k): v for k, v in sorted(self._missed.items())}}, indent=1))

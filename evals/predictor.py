@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from klip import checkpoint as checkpoint_lib
 from klip import inference as inference_lib
+from klip import paths
 from klip import predict
 from klip import provenance
 from klip import sharding
@@ -71,11 +72,11 @@ class Predictor:
     graphdef, abstract_state = nnx.split(abstract)
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
     target = checkpoint_lib.abstract_pure(abstract_state, shardings)
-    restored = checkpoint_lib.restore_model(os.path.join(os.path.abspath(workdir),
-                                                         "checkpoints"), step, target)
+    restored = checkpoint_lib.restore_model(
+        str(epath.Path(paths.resolve(workdir)) / "checkpoints"), step, target)
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
-    tok = tokenizer_lib.Tokenizer(os.path.join(workdir, "tokenizer.model"))
+    tok = tokenizer_lib.Tokenizer(str(epath.Path(workdir) / "tokenizer.model"))
     return cls(model=nnx.merge(graphdef, state), tokenizer=tok, config=config, mesh=mesh,
                rules=rules, step=step, batch_size=batch_size)
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
+
+from etils import epath
+
+from klip import paths
 
 LOW, HIGH = "/ci_low", "/ci_high"
 
@@ -67,9 +70,9 @@ def write_step(directory: str, step: int, outcomes: list[Outcome], header: dict)
       lines += [f"| {k} | {v} |" for k, v in with_intervals(o.metrics)]
     for md in o.markdown:
       lines += ["", md]
-  path = os.path.join(directory, "report.md")
-  _write(path, "\n".join(lines) + "\n")
-  return path
+  path = epath.Path(directory) / "report.md"
+  paths.write_atomic(path, "\n".join(lines) + "\n")
+  return str(path)
 
 
 def write_index(eval_dir: str, rows: list[dict], missed: dict[int, str]) -> str:
@@ -102,9 +105,9 @@ def write_index(eval_dir: str, rows: list[dict], missed: dict[int, str]) -> str:
     lines += ["", f"At step {steps[-1]}:"]
     lines += [f"- {k}: skipped: {v}" for k, v in skipped.items()]
     lines += [f"- {k}: failed: {v.strip().splitlines()[-1]}" for k, v in failed.items()]
-  path = os.path.join(eval_dir, "report.md")
-  _write(path, "\n".join(lines) + "\n")
-  return path
+  path = epath.Path(eval_dir) / "report.md"
+  paths.write_atomic(path, "\n".join(lines) + "\n")
+  return str(path)
 
 
 def _change(rows: list[dict], name: str) -> str:
@@ -117,10 +120,3 @@ def _change(rows: list[dict], name: str) -> str:
   if last[name + HIGH] < first[name + LOW]:
     return "**down**"
   return "~"
-
-
-def _write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)

@@ -25,23 +25,25 @@ directory that is not a training workdir, a step that did not restore, or no ste
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+from etils import epath
 from ml_collections import config_flags
 
 from evals.job import Job
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
 from klip import host_memory
+from klip import paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (path:variant).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory: a local path or "
+                                "gs://BUCKET/PATH.")
 _ONCE = flags.DEFINE_bool("once", False, "Evaluate the finished steps not yet evaluated, then "
                           "exit (default: keep watching until the run's last step).")
 _STEP = flags.DEFINE_integer("step", None, "Evaluate only this step (again, if it was done).")
@@ -52,6 +54,10 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  try:
+    paths.require(_WORKDIR.value)  # before joining the other processes
+  except paths.MissingPackage as e:
+    raise SystemExit(f"evals.run: {e}") from None
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   distributed.initialize_from_flags()
@@ -94,7 +100,7 @@ def main(argv):
   finally:
     job.close()
   print(f"ledger: {job.ledger.done}; missed: {sorted(job.ledger.missed) or 'none'}; report: "
-        f"{os.path.join(job.eval_dir, 'report.md')}", flush=True)
+        f"{epath.Path(job.eval_dir) / 'report.md'}", flush=True)
   if job.restore_failures:
     raise SystemExit(f"evals.run: {len(job.restore_failures)} step(s) did not restore: "
                      + "; ".join(f"{s}: {e}" for s, e in sorted(job.restore_failures.items())))

@@ -1,7 +1,10 @@
 """Orbax checkpoints: train state + data position in one step directory, async, keep-N.
 
-Orbax writes each step to a temporary directory and renames it when complete, so a process
-killed mid-save leaves nothing that `latest_step` would report. The state is saved as a pure
+A process killed mid-save leaves nothing that `latest_step` would report: on a local disk Orbax
+writes each step to a temporary directory and renames it when complete; on GCS (a gs://
+workdir, written natively through TensorStore), where a directory rename is a copy of every
+object, it writes the step in place and marks it complete with one last object
+(commit_success.txt), and only marked steps are listed. The state is saved as a pure
 dict of arrays and restored onto whatever shardings the caller asks for, so a run can resume on
 another mesh or device count.
 """
@@ -11,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import sys
 import threading
 import traceback
@@ -23,6 +25,7 @@ from etils import epath
 from flax import nnx
 
 from klip import distributed
+from klip import paths
 
 
 class CheckpointMismatch(ValueError):
@@ -56,7 +59,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, async_save: bool, keep_period: int = 0):
     """keep: the newest steps kept; keep_period: steps divisible by it are never deleted (the
     eval job's steps, 0: none)."""
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = str(epath.Path(paths.resolve(workdir)) / "checkpoints")
     _quiet_orbax_echoes()
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -114,7 +117,7 @@ class Checkpointer:
       if not any_process(error is not None):
         return step, state, data
       self._set_aside(step, error)
-    if os.path.isdir(self._skipped):
+    if epath.Path(self._skipped).is_dir():
       raise NoRestorableCheckpoint(
           f"no checkpoint step under {self.directory} restores; the damaged steps are in "
           f"{self._skipped}. Start a new --workdir, or move a step back to resume from it.")
@@ -126,14 +129,17 @@ class Checkpointer:
 
   def _set_aside(self, step: int, error: Exception | None) -> None:
     why = _reason(error) if error is not None else "it failed to read in another process"
-    dest = os.path.join(self._skipped, str(step))
+    dest = epath.Path(self._skipped) / str(step)
     print(f"checkpoint step {step} does not restore ({why}); moved to {dest}, trying the "
           "step before it", flush=True)
     if jax.process_index() == 0:
-      os.makedirs(self._skipped, exist_ok=True)
-      if os.path.exists(dest):
-        shutil.rmtree(dest)
-      os.replace(os.path.join(self.directory, str(step)), dest)
+      if dest.exists():
+        dest.rmtree()
+      # One rename locally; on GCS a move (a copy and a delete) of each object on its own, not
+      # atomic: a kill midway leaves part of the damaged step behind, listed only while its
+      # commit_success.txt is there (then the next resume moves it again), else unlisted and
+      # written over when the run saves that step again.
+      paths.move_dir(epath.Path(self.directory) / str(step), dest)
     distributed.wait_for_all(f"klip_skip_step_{step}")
     self._manager.reload()
 
@@ -163,7 +169,7 @@ class Checkpointer:
 
   def restore_table(self, step: int) -> dict | None:
     """The SCIO tables saved with `step`, or None if that step has none."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "scio")):
+    if not (epath.Path(self.directory) / str(step) / "scio").is_dir():
       return None
     return self._manager.restore(step, args=ocp.args.Composite(
         scio=ocp.args.JsonRestore())).scio
@@ -249,18 +255,19 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 def read_params(path: str) -> dict:
   """The model parameters of a checkpoint as host arrays (pure dict), for initialisation.
 
-  `path` is a workdir (its latest step is used), a checkpoints directory or a step directory.
+  `path` is a workdir (its latest step is used), a checkpoints directory or a step directory,
+  local or gs://.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if not os.path.isdir(os.path.join(path, "state")):
+  path = epath.Path(paths.resolve(path))
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if not (path / "state").is_dir():
     manager = ocp.CheckpointManager(path, item_names=("state", "data"))
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint under {path}")
-    path = os.path.join(path, str(step))
-  item = os.path.join(path, "state")
+    path = path / str(step)
+  item = path / "state"
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
     # Onto one local device, whatever devices wrote it (a pod checkpoint on a laptop).
@@ -277,8 +284,8 @@ def set_aside_dir(directory: str) -> str:
 
 def set_aside_steps(directory: str) -> list[int]:
   """The steps of a checkpoints directory that were set aside as damaged, ascending."""
-  path = set_aside_dir(directory)
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+  path = epath.Path(set_aside_dir(directory))
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -287,7 +294,7 @@ def complete_steps(directory: str) -> list[int]:
   Only finalised step directories count: Orbax writes into a temporary name and renames it
   when the save is complete, so a step being written is never listed. Nothing is created.
   """
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return []
   return sorted(ocp.utils.checkpoint_steps(directory))
 
@@ -298,7 +305,7 @@ def restore_model(directory: str, step: int, target: dict) -> dict:
   `target` is the abstract pure dict of the model (ShapeDtypeStructs with shardings, see
   `abstract_pure`); the optimizer and other items are not read.
   """
-  item = os.path.join(directory, str(step), "state")
+  item = epath.Path(directory) / str(step) / "state"
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
         item={"model": target},

@@ -4,38 +4,38 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
+from etils import epath
 from tensorboardX import SummaryWriter
+
+from klip import paths
 
 
 class MetricsWriter:
-  """Writes DIR/metrics.jsonl and TensorBoard events under DIR/tb (process 0 only)."""
+  """Writes DIR/metrics.jsonl and TensorBoard events under DIR/tb (process 0 only); DIR may be
+  a gs:// prefix (klip/paths.py: each row rewrites the object there; tensorboardX writes gs://
+  through google-cloud-storage)."""
 
   def __init__(self, workdir: str, *, total_steps: int, batch_size: int, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.enabled = enabled
     self._total = total_steps
     self._batch = batch_size
-    self._tb = SummaryWriter(os.path.join(workdir, "tb")) if enabled else None
+    self._tb = SummaryWriter(str(epath.Path(workdir) / "tb")) if enabled else None
     self._last = None  # (step, time) of the last progress line
 
   def truncate_after(self, step: int) -> None:
     """Drops rows past `step`: a resumed run re-logs the steps after its checkpoint."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return
     kept = [r for r in read(self.path) if r["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, self.path)
+    paths.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    paths.append(self.path, json.dumps({"step": step, **metrics}) + "\n")
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
@@ -78,11 +78,11 @@ def _duration(seconds: float) -> str:
       f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def read(path: str) -> list[dict]:
+def read(path) -> list[dict]:
   """The rows of a metrics.jsonl. A last line without its newline that does not parse is a
   write torn by a kill or a full disk and is dropped (the resumed run writes that step again);
   any other bad line is an error naming it."""
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     lines = f.readlines()
   rows = []
   for n, line in enumerate(lines, 1):
@@ -97,7 +97,7 @@ def read(path: str) -> list[dict]:
   return rows
 
 
-def plot_losses(metrics_path: str, out_path: str) -> str:
+def plot_losses(metrics_path, out_path) -> str:
   """A PNG of every loss in metrics.jsonl against step."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -115,6 +115,7 @@ def plot_losses(metrics_path: str, out_path: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  with epath.Path(out_path).open("wb") as f:  # one object write on GCS
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
-  return out_path
+  return str(out_path)

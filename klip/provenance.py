@@ -9,6 +9,9 @@ import sys
 from importlib import metadata
 
 import ml_collections
+from etils import epath
+
+from klip import paths
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "array_record",
              "tensorflow-datasets", "sentencepiece", "ml-collections", "numpy")
@@ -74,17 +77,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The training config recorded in WORKDIR/config.json, in today's schema (`migrated`)."""
   previous = _previous(workdir)
   if previous is None:
-    raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} not found: {workdir} is "
+    raise FileNotFoundError(f"{epath.Path(workdir) / 'config.json'} not found: {workdir} is "
                             "not a KLIP training workdir")
   return ml_collections.ConfigDict(migrated(previous["config"]))
 
 
 def _previous(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def check(workdir: str, config, *, dataset_fingerprint: str,
@@ -124,9 +126,5 @@ def record(workdir: str, config, *, dataset_fingerprint: str, tokenizer_fingerpr
            "total_steps": config.total_steps}],
   }
   if write:
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(entry, f, indent=1)
-    os.replace(tmp, path)
+    paths.write_atomic(epath.Path(workdir) / "config.json", json.dumps(entry, indent=1))
   return entry

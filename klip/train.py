@@ -27,6 +27,7 @@ from absl import flags
 from absl import logging as absl_logging
 from flax import nnx
 from flax.core import spmd as core_spmd
+from etils import epath
 from ml_collections import config_flags
 
 from klip import checkpoint as checkpoint_lib
@@ -38,6 +39,7 @@ from klip import init_from
 from klip import metrics_writer
 from klip import objectives
 from klip import optim
+from klip import paths
 from klip import provenance
 from klip import sharding
 from klip import train_state
@@ -51,7 +53,8 @@ from klip.scio import schedule as scio_schedule
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, tokenizer).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, "
+                                "tokenizer): a local path or gs://BUCKET/PATH.")
 # Multi-process flags (--coordinator_address, --num_processes, ...): klip/distributed.py.
 
 
@@ -92,8 +95,8 @@ def _build_if_embedded(data_dir: str, name: str) -> None:
 # Tokenizer: one per run, kept in the workdir.
 # ---------------------------------------------------------------------------------------------
 def _tokenizer(config, workdir: str, source) -> tokenizer_lib.Tokenizer:
-  path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path) and jax.process_index() == 0:
+  path = str(epath.Path(workdir) / "tokenizer.model")
+  if not epath.Path(path).exists() and jax.process_index() == 0:
     if config.tokenizer.path:
       tokenizer_lib.install(config.tokenizer.path, path)
     else:
@@ -122,7 +125,7 @@ class DiskFull(OSError):
     newest = (f"the newest complete checkpoint is step {complete[-1]}, where the same command "
               "resumes" if complete else "no checkpoint is complete, so the same command "
               "starts again from step 0")
-    super().__init__(errno.ENOSPC, f"no space left on device under {os.path.abspath(workdir)} "
+    super().__init__(errno.ENOSPC, f"no space left on device under {paths.resolve(workdir)} "
                      f"by step {step} ({reason}). Nothing is lost: {newest} once space is free")
 
 
@@ -191,7 +194,8 @@ def train(config, workdir: str) -> dict:
   if (config.batch_size // config.grad_accum_steps) % batch_shards:
     raise ValueError(f"micro-batch {config.batch_size // config.grad_accum_steps} does not "
                      f"divide over the {batch_shards} batch shards of mesh {dict(mesh.shape)}")
-  os.makedirs(workdir, exist_ok=True)  # after the checks: a refused run leaves no workdir
+  # After the checks: a refused run leaves no workdir (on GCS a prefix needs no creating).
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   # ----- input --------------------------------------------------------------------------------
   d = config.data
@@ -369,16 +373,15 @@ def train(config, workdir: str) -> dict:
   wall = time.time() - wall_start
   summary = {"steps": step, "first_step": first_step, "wall_seconds": wall,
              "stopped_by_sigterm": stop["sigterm"] and step < config.total_steps,
-             "parameters": n_params, "workdir": os.path.abspath(workdir),
+             "parameters": n_params, "workdir": paths.resolve(workdir),
              "checkpoints": ckpt.directory, "final": last_metrics}
   if timed is not None and step > timed[0]:
     summary["examples_per_s"] = (step - timed[0]) * config.batch_size / (time.time() - timed[1])
-  if not last_metrics and os.path.exists(writer.path):  # nothing left to run: report the last
+  if not last_metrics and writer.path.exists():  # nothing left to run: report the last
     summary["final"] = metrics_writer.read(writer.path)[-1]
-  if is_main and os.path.exists(writer.path):
-    summary["loss_plot"] = metrics_writer.plot_losses(writer.path,
-                                                      os.path.join(summary["workdir"],
-                                                                   "loss.png"))
+  if is_main and writer.path.exists():
+    summary["loss_plot"] = metrics_writer.plot_losses(
+        writer.path, epath.Path(summary["workdir"]) / "loss.png")
     _print_summary(summary)
   return summary
 
@@ -398,8 +401,8 @@ def _print_summary(s: dict) -> None:
       f"(after compilation)",
       f"  wall time    : {s['wall_seconds']:.0f} s; {s['parameters'] / 1e6:.2f}M parameters",
       f"  checkpoints  : {s['checkpoints']}",
-      f"  metrics      : {os.path.join(s['workdir'], 'metrics.jsonl')} "
-      f"(TensorBoard: {os.path.join(s['workdir'], 'tb')})",
+      f"  metrics      : {epath.Path(s['workdir']) / 'metrics.jsonl'} "
+      f"(TensorBoard: {epath.Path(s['workdir']) / 'tb'})",
       f"  loss plot    : {s.get('loss_plot')}",
       "=" * 72,
   ]
@@ -410,6 +413,10 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  try:
+    paths.require(_WORKDIR.value)  # before joining the other processes
+  except paths.MissingPackage as e:
+    raise SystemExit(f"klip.train: {e}") from None
   if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log every save at INFO
     absl_logging.set_verbosity(absl_logging.WARNING)
   distributed.initialize_from_flags()

@@ -8,7 +8,10 @@
 # Commands (each idempotent; --dry_run prints every gcloud command instead of running it):
 #   create     the TPU VM, or a queued resource with --queued, --spot or --num_slices > 1
 #   sync       copy this checkout (without .venv, .git, data, workdirs) to ~/klip on all workers
-#   setup      once per worker: a venv with requirements.txt + jax[tpu], the bucket at /mnt/klip
+#   setup      once per worker: a venv with requirements.txt + jax[tpu]; BUCKET/data mounted
+#              at /mnt/klip/data (gcsfuse) for the input pipeline. The workdir is
+#              BUCKET/workdirs/NAME, written by Orbax/TensorStore and gcsfs directly, not through
+#              the mount (a gcsfuse directory rename is a copy: not atomic)
 #   run        the same training command on all workers under launch/supervise.sh, one log per
 #              worker in ~/klip-logs (not started twice)
 #   up         create, sync, setup, run
@@ -20,7 +23,7 @@
 #              up and run again (training resumes from the workdir); ends when the run finishes
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMMAND="${1:-}"
@@ -69,6 +72,7 @@ done
 TRAIN_ARGS=("$@")
 if [[ -z "$NAME" ]]; then echo "tpu_vm.sh: --name (or TPU_NAME) is required" >&2; exit 2; fi
 if [[ "$NUM_SLICES" -gt 1 || "$SPOT" == 1 ]]; then QUEUED=1; fi
+if [[ -n "$BUCKET" ]]; then WORKDIR="${WORKDIR:-${BUCKET%/}/workdirs/$NAME}"; fi
 WORKDIR="${WORKDIR:-/mnt/klip/workdirs/$NAME}"
 JAX_VERSION="$(sed -n 's/^jax==//p' "$ROOT/requirements.txt")"
 TARBALL="/tmp/klip-$NAME.tgz"
@@ -176,7 +180,8 @@ do_setup() {
     return
   fi
   local gcsfuse="command -v gcsfuse >/dev/null || { echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
-  local mount="mountpoint -q /mnt/klip || { sudo mkdir -p /mnt/klip && sudo chown \"\$USER\" /mnt/klip && gcsfuse --implicit-dirs ${BUCKET#gs://} /mnt/klip; }"
+  # Only BUCKET/data is mounted: the input pipeline reads POSIX paths (klip/data/dataset.py).
+  local mount="mountpoint -q /mnt/klip/data || { sudo mkdir -p /mnt/klip/data && sudo chown -R \"\$USER\" /mnt/klip && gcsfuse --implicit-dirs --only-dir=data ${BUCKET#gs://} /mnt/klip/data; }"
   on_workers "{ $venv; } && { $gcsfuse; } && { $mount; }"
 }
 

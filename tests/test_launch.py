@@ -49,12 +49,12 @@ def test_tpu_up_creates_syncs_sets_up_and_runs_on_all_workers():
   create = next(i for i, l in enumerate(lines) if "tpu-vm create klip-base" in l)
   assert "--accelerator-type=v5litepod-16" in lines[create] and "--project=my-proj" in out
   order = ["tpu-vm create", "tar -czf", "tpu-vm scp", "tar -xzf", "pip install",
-           "gcsfuse --implicit-dirs my-klip /mnt/klip", "klip.train"]
+           "gcsfuse --implicit-dirs --only-dir=data my-klip /mnt/klip/data", "klip.train"]
   positions = [next(i for i, l in enumerate(lines) if key in l) for key in order]
   assert positions == sorted(positions), positions
   run = lines[positions[-1]]
   assert "--worker=all" in run and "launch/supervise.sh" in run
-  assert "--workdir=/mnt/klip/workdirs/klip-base" in run
+  assert "--workdir=gs://my-klip/workdirs/klip-base" in run  # on GCS itself, not the mount
   assert "--config.data.data_dir=/mnt/klip/data" in run
   assert "train-$(hostname).log" in run  # one log per worker
   assert "'jax[tpu]==" in out

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 
 import numpy as np
+from etils import epath
 
+from klip import paths
 from klip.data import caption as caption_lib
 from klip.data import text as text_lib
 from klip.data.caption import DEC, ENC, MASK, PAD, SEP, SPECIALS, TEMPLATE, UNK
@@ -29,9 +30,9 @@ class Tokenizer:
   """A loaded SentencePiece model plus the caption encoding with value-span positions."""
 
   def __init__(self, path: str):
+    """path: local or gs:// (a run's workdir may be on GCS)."""
     self.path = path
-    with open(path, "rb") as f:
-      self._proto = f.read()
+    self._proto = epath.Path(path).read_bytes()
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top  (the step needs only ids)
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     got = tuple(self._sp.id_to_piece(i) for i in (ENC, DEC, MASK, SEP))
@@ -110,7 +111,7 @@ def _segments_without(st: text_lib.StructuredText, k: int) -> list[tuple[str, in
 
 
 def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) -> Tokenizer:
-  """Trains a BPE SentencePiece model on `texts` and writes it to `path`."""
+  """Trains a BPE SentencePiece model on `texts` and writes it to `path` (local or gs://)."""
   with tempfile.TemporaryDirectory() as tmp:
     corpus = os.path.join(tmp, "corpus.txt")
     n = 0
@@ -129,15 +130,12 @@ def train(texts: Iterable[str], path: str, vocab_size: int, *, seed: int = 0) ->
         eos_id=-1, control_symbols=list(SPECIALS), hard_vocab_limit=False,
         input_sentence_size=1_000_000, shuffle_input_sentence=True,
         num_threads=os.cpu_count() or 1, minloglevel=2)
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
-      f.write(model.getvalue())
-    os.replace(tmp_path, path)
+    paths.write_atomic(path, model.getvalue())
   return Tokenizer(path)
 
 
 def install(src: str, dst: str) -> Tokenizer:
   """Copies a user-supplied tokenizer into the workdir after validating it."""
   Tokenizer(src)
-  shutil.copyfile(src, dst)
+  paths.write_atomic(dst, epath.Path(src).read_bytes())
   return Tokenizer(dst)
