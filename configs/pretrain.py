@@ -87,7 +87,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # SCIO (method.md §3-4): after the warm-up (full captions), every `every_steps` steps a
   # jitted rescoring pass over `slice_size` pairs of the table (a rotating slice; 0: all), in
   # chunks of `batch_size`, screens each caption's clauses (margins on the rise of cosine and
-  # match probability), proofreads (drops the flagged clause, weight = weight_floor +
+  # match probability, per field, calibrated on the pass's rows, assumed mostly clean, so that
+  # about false_flag_rate of a field's clean pairs are flagged; never below margin_cosine /
+  # margin_match, which a field with fewer than calibration_min_rows rows in the pass uses
+  # alone: klip/scio/rescore.py), proofreads (drops the flagged clause, weight = weight_floor +
   # (1 - weight_floor) * match probability) and, from reconstruct_from_fraction of total_steps
   # on, refills the flagged value span (at most max_span tokens; with fill_candidates = N > 0
   # the field's N most frequent other values compete with the fill, ranked by the decoder's
@@ -95,9 +98,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # the next epoch boundary. initial_table: a JSON pair table to start from instead of the
   # clean one.
   c.scio = dict(enabled=variant != "smoke", every_steps=50, slice_size=64, batch_size=64,
-                warmup_fraction=1 / 3, reconstruct_from_fraction=2 / 3, margin_cosine=0.01,
-                margin_match=0.02, weight_floor=0.5, max_span=40, fill_candidates=0,
-                initial_table="")
+                warmup_fraction=1 / 3, reconstruct_from_fraction=2 / 3, false_flag_rate=0.02,
+                calibration_min_rows=16, margin_cosine=0.01, margin_match=0.02,
+                weight_floor=0.5, max_span=40, fill_candidates=0, initial_table="")
   c.max_nonfinite_updates = 0  # skipped non-finite updates tolerated before the run stops
 
   # Sharding: mesh axis sizes (-1: all remaining devices) and logical-axis rules.

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import zlib
 
 import jax
 import ml_collections
@@ -26,8 +27,9 @@ from klip.scio import table as table_lib
 from klip.data import values as values_lib
 
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
-            reconstruct_from_fraction=0.5, margin_cosine=0.0, margin_match=0.0,
-            weight_floor=0.5, max_span=6, fill_candidates=0, initial_table="")
+            reconstruct_from_fraction=0.5, false_flag_rate=0.02, calibration_min_rows=16,
+            margin_cosine=0.0, margin_match=0.0, weight_floor=0.5, max_span=6,
+            fill_candidates=0, initial_table="")
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +180,77 @@ def test_pipeline_joins_rewrites_dropped_clauses_and_weights(source, tok, data_d
 def test_screen_needs_both_scores_and_takes_the_largest_rise():
   cosine = np.array([[0.5, 0.6, 0.7, 0.5], [0.5, 0.6, 0.4, 0.5], [0.5, 0.6, 0.5, 0.5]])
   match = np.array([[0.5, 0.6, 0.7, 0.5], [0.5, 0.5, 0.9, 0.5], [0.5, 0.52, 0.5, 0.5]])
-  np.testing.assert_array_equal(rescore.screen(cosine, match, 0.05, 0.05), [1, -1, -1])
+  field = np.tile(rescore.FIELD_OF["target"][:3], (3, 1))
+  margins = rescore.Margins.floors((0.05, 0.05))
+  rise = rescore.rises(cosine, match)
+  np.testing.assert_array_equal(rescore.screen(rise, field, margins), [1, -1, -1])
+  field[0, 1] = -1  # a clause that was not judged is never flagged
+  np.testing.assert_array_equal(rescore.screen(rise, field, margins), [0, -1, -1])
   np.testing.assert_allclose(rescore.pair_weight(np.array([0.0, 1.0]), 0.5), [0.5, 1.0])
   np.testing.assert_array_equal(rescore.pass_rows(3, 10, 4), [2, 3, 4, 5])
   np.testing.assert_array_equal(rescore.pass_rows(3, 10, 0), np.arange(10))
+
+
+def _clean_rises(rng, n, sd, rho):
+  """[n, 2] normal (cosine, match) rises with spreads `sd` and correlation `rho`, centred
+  below zero (removing a true clause costs a little)."""
+  z = rng.standard_normal((n, 2))
+  z[:, 1] = rho * z[:, 0] + np.sqrt(1 - rho ** 2) * z[:, 1]
+  return -0.5 * np.asarray(sd) + z * sd
+
+
+RATE, TOLERANCE = 0.02, 0.25  # the stated false-flag rate; |measured / RATE - 1| allowed
+
+
+def test_calibrated_margins_flag_the_stated_rate_of_each_fields_clean_pairs():
+  """Clean rises 20 times wider for `environment` than for `count`, 5 % of the rows with one
+  planted clause whose removal raises both scores by 6 of its field's spreads: the calibrated
+  screen flags about RATE of every field's clean clauses and catches the planted ones; one
+  absolute margin for all fields does neither."""
+  rng = np.random.default_rng(0)
+  n, names = 20000, caption_lib.TARGET_FIELDS
+  sd = {f: np.array([0.004, 0.01]) * 20 ** (k / 7) for k, f in enumerate(names)}  # count..env
+  rho = {f: 0.5 + 0.4 * (k % 2) for k, f in enumerate(names)}
+  rise = np.stack([_clean_rises(rng, n, sd[f], rho[f]) for f in names], axis=1)  # [n, 8, 2]
+  field = np.tile(rescore.FIELD_OF["target"], (n, 1))
+  planted = np.full(n, -1)
+  planted[rng.random(n) < 0.05] = 0
+  rows = np.flatnonzero(planted == 0)
+  planted[rows] = rng.integers(8, size=len(rows))
+  for r in rows:
+    rise[r, planted[r]] = 6 * sd[names[planted[r]]]
+  margins = rescore.field_margins(rise, field, rate=RATE, floor=(0.0, 0.0), min_rows=16)
+  used = [rescore.FIELDS.index(f) for f in names]
+  assert margins.calibrated[used].all() and not np.delete(margins.calibrated, used).any()
+  clean = planted[:, None] != np.arange(8)  # [n, 8] the clauses nobody planted
+  absolute = rescore.Margins.floors((0.01, 0.02))  # one margin pair for every field
+  for name, m, want in (("calibrated", margins, True), ("absolute", absolute, False)):
+    ok = rescore.passing(rise, field, m)
+    rates = [ok[clean[:, k], k].mean() for k in range(8)]
+    flag = rescore.screen(rise, field, m)
+    recall = [np.mean(flag[planted == k] == k) for k in range(8)]
+    print(f"\n{name}: false-flag rate per field {np.round(rates, 4)}, "
+          f"recall {np.round(recall, 2)}")
+    within = all(abs(x / RATE - 1) <= TOLERANCE for x in rates)
+    assert within == want and (min(recall) >= 0.95) == want
+
+
+def test_fields_with_too_few_rows_use_the_floors_and_the_rate_is_checked():
+  rng = np.random.default_rng(1)
+  rise = rng.normal(0.0, 0.1, (40, 8, 2))
+  field = np.tile(rescore.FIELD_OF["target"], (40, 1))
+  field[20:, 0] = -1  # `count` judged on 20 rows only
+  margins = rescore.field_margins(rise, field, rate=0.05, floor=(0.01, 0.02), min_rows=30)
+  count, location = rescore.FIELDS.index("count"), rescore.FIELDS.index("location")
+  np.testing.assert_array_equal(margins.value[count], [0.01, 0.02])
+  assert not margins.calibrated[count] and margins.calibrated[location]
+  assert np.all(margins.value[location] > 0.02)
+  assert not margins.calibrated[rescore.FIELDS.index("terrain")]  # no landform rows at all
+  again = rescore.field_margins(rise[::-1], field[::-1], rate=0.05, floor=(0.01, 0.02),
+                                min_rows=30)
+  np.testing.assert_array_equal(again.value, margins.value)  # the rows' order does not matter
+  with pytest.raises(ValueError, match="false_flag_rate=0.0 must be between 0 and 1"):
+    rescore.field_margins(rise, field, rate=0.0, floor=(0.0, 0.0), min_rows=1)
 
 
 def test_bad_captions_are_clear_errors(source, tok):
@@ -307,6 +376,61 @@ def test_screening_finds_planted_wrong_clauses_and_reconstruct_repairs_them(
   assert result.rewritten.sum() == len(plants)
   for i, (k, _) in plants.items():
     assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
+
+
+class SpreadScorer:
+  """Clean pairs whose rises spread by field: the full caption scores 0.5 on both scores, and
+  leaving out clause k adds normal noise of the spread of its field (fixed by the image)."""
+
+  def __init__(self, fields_by_image, spread):
+    self.fields, self.spread = fields_by_image, spread
+
+  def rises(self, image):
+    rng = np.random.default_rng(zlib.crc32(image.tobytes()))
+    return rng.standard_normal((caption_lib.CLAUSES, 2)) * self.spread[self.fields[
+        image.tobytes()]][:, None]
+
+  def score(self, images, texts):
+    cosine = np.full(texts.shape[:2], 0.5, np.float32)
+    match = cosine.copy()
+    for r, image in enumerate(images):
+      rise = self.rises(image)
+      cosine[r, 1:] += rise[:, 0]
+      match[r, 1:] += rise[:, 1]
+    return cosine, match
+
+
+@pytest.mark.parametrize("min_rows", [16, 1000])
+def test_the_pass_calibrates_on_its_rows_and_reports_the_margins(source, tok, data_dir,
+                                                                 min_rows):
+  prep = _preprocess(tok, smoke_config(data_dir))
+  images, fields = [], []
+  for i in range(64):
+    images.append(prep.random_map((i, source[i]), None)["image"])
+    fields.append(rescore.FIELD_OF[schema.structured_text(source[i]).family])
+  spread = np.geomspace(0.002, 0.2, len(rescore.FIELDS))  # field f: 100 ** (f / 14) times 0.002
+  scorer = SpreadScorer({im.tobytes(): f for im, f in zip(images, fields)}, spread)
+  cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.01,
+                                       margin_match=0.02, calibration_min_rows=min_rows))
+  _, result = rescore.run_pass(_table(source, data_dir), source, prep, tok, scorer.score, None,
+                               stage=rescore.Stage.PROOFREAD, cfg=cfg, max_len=1000)
+  rise = rescore.rises(*scorer.score(np.stack(images), np.zeros((64, 9, 1), np.int32)))
+  field = np.stack(fields)
+  want = rescore.field_margins(rise, field, rate=cfg.false_flag_rate, floor=(0.01, 0.02),
+                               min_rows=min_rows)
+  np.testing.assert_array_equal(result.rows, np.arange(64))
+  np.testing.assert_array_equal(result.margins.value, want.value)
+  np.testing.assert_array_equal(result.flagged, rescore.screen(rise, field, want))
+  metrics = result.metrics()
+  count = rescore.FIELDS.index("count")
+  assert metrics["scio/margin_cosine/count"] == result.margins.value[count, 0]
+  assert metrics["scio/margin_match/water"] == result.margins.value[-1, 1]
+  calibrated = metrics["scio/calibrated_fields"]
+  if min_rows == 1000:  # every field on the floors: the absolute screen
+    assert calibrated == 0 and np.all(result.margins.value == [0.01, 0.02])
+  else:  # both families have enough rows; the wide fields' margins grow with their spread
+    assert calibrated == len(rescore.FIELDS)
+    assert result.margins.value[-1, 1] > 0.1 > 0.02 == result.margins.value[count, 1]
 
 
 def test_a_malformed_caption_is_skipped_and_counted_not_the_end_of_the_pass(

@@ -5,9 +5,8 @@ out variants are scored with `predict.score` (cosine and ITM match probability) 
 function sharded like the train step: the image side is computed once per image and reused for
 its K + 1 texts. The decisions are made on the host:
 
-  screen       the clause whose removal raises BOTH scores by more than their margins
-               (`scio.margin_cosine`, `scio.margin_match`); among several, the one with the
-               largest summed rise; else none.
+  screen       the clause whose removal raises BOTH scores by more than its field's margins;
+               among several, the one furthest past them in its field's spreads; else none.
   proofread    the flagged clause is dropped from the training caption, and the pair weight is
                floor + (1 - floor) * match probability of the kept caption (`scio.weight_floor`):
                pairs the model still finds inconsistent count less, never below the floor.
@@ -17,6 +16,36 @@ its K + 1 texts. The decisions are made on the host:
                each whole caption (`predict.text_logprob`) picks one. The rewrite is kept only
                if the rewritten caption beats the original on both scores, and then the clause
                is no longer dropped.
+
+The margins are per field (clause k of a caption is field `caption.FAMILIES[family][k]`; a
+field two families share is one field) and calibrated on every pass, because a field's rises
+on clean pairs can be far wider than another's (a place name the image cannot show against a
+count it can), so one absolute margin flags the wide field's clean pairs often and misses the
+narrow field's errors. The calibration rests on one assumption: most of a field's pairs in a
+pass are clean (the median and the MAD hold while fewer than half are noisy, and a noisy tenth
+moves them little), so the pass's own rises estimate the clean distribution. For each field,
+over the pass's rows (every process's, exchanged first, so every process computes the same
+margins):
+
+  1. each score's rise is standardised by its median and 1.4826 * MAD (the normal's standard
+     deviation, robust to the noisy minority): z_cos, z_match;
+  2. the screen flags a clause when min(z_cos, z_match) > t; t is that statistic's median +
+     z(1 - rate) * its 1.4826 * MAD, with rate = `scio.false_flag_rate`;
+  3. the margins are median + t * scale of each score, raised to the absolute floors
+     `scio.margin_cosine`, `scio.margin_match` (a flagged clause's removal must really raise
+     both scores, and a field whose clean rises hardly vary is not flagged for a rise of 1e-4).
+
+So about `rate` of a field's clean pairs are flagged: `rate` for normal rises whose two scores
+move together, 0.75-0.9 * rate (rates of 1-10 %) for independent ones; the floors only lower
+it, and so do noisy pairs where they widen the estimates. A caption has eight fields, so about
+1 - (1 - rate)^8 of clean captions lose one clause. A field with fewer than
+`scio.calibration_min_rows` judged rows in the pass (a clause cut off by the token budget is
+not judged) uses the floors alone (and its rises rank in raw units). Each pass reports the margins
+it used (`PassResult.margins`, metrics `scio/margin_cosine/FIELD`, `scio/margin_match/FIELD`,
+`scio/calibrated_fields`).
+
+The pass scores all its chunks first, calibrates, then decides per chunk; the reconstruct
+stage reads a chunk's records again for the fill rather than holding every image of the pass.
 """
 
 from __future__ import annotations
@@ -26,6 +55,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from statistics import NormalDist
 
 import numpy as np
 
@@ -54,15 +84,79 @@ class Stage(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # Decisions (host, numpy).
 # ---------------------------------------------------------------------------------------------
-def screen(cosine: np.ndarray, match: np.ndarray, margin_cosine: float,
-           margin_match: float) -> np.ndarray:
-  """Flagged clause per pair (-1: none) from scores [n, K + 1] (column 0: full caption,
-  column k + 1: caption without clause k)."""
-  d_cos = cosine[:, 1:] - cosine[:, :1]
-  d_match = match[:, 1:] - match[:, :1]
-  ok = (d_cos > margin_cosine) & (d_match > margin_match)
-  rise = np.where(ok, d_cos + d_match, -np.inf)
-  return np.where(ok.any(axis=1), np.argmax(rise, axis=1), -1).astype(np.int32)
+# Every field of every family in caption order, a field two families share once: the screen's
+# margins are per field, and FIELD_OF[family][k] is the field of clause k.
+FIELDS = tuple(dict.fromkeys(f for names in caption_lib.FAMILIES.values() for f in names))
+FIELD_OF = {family: np.array([FIELDS.index(f) for f in names], np.int32)
+            for family, names in caption_lib.FAMILIES.items()}
+MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
+
+
+def rises(cosine: np.ndarray, match: np.ndarray) -> np.ndarray:
+  """[n, K, 2] (cosine, match) of each leave-one-clause-out caption minus the full caption's,
+  from scores [n, K + 1] (column 0: full caption, column k + 1: caption without clause k)."""
+  return np.stack([cosine[:, 1:] - cosine[:, :1], match[:, 1:] - match[:, :1]], axis=-1)
+
+
+def _robust(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(median, MAD_TO_SD * median absolute deviation) of x along axis 0."""
+  loc = np.median(x, axis=0)
+  return loc, MAD_TO_SD * np.median(np.abs(x - loc), axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Margins:
+  """The screen's margins for each field of FIELDS."""
+  value: np.ndarray       # float [F, 2] (cosine, match) rises a clause's removal must exceed
+  scale: np.ndarray       # float [F, 2] the rises' robust spread (1 where not calibrated)
+  calibrated: np.ndarray  # bool [F] calibrated on the pass's rows (False: the floors)
+
+  @classmethod
+  def floors(cls, floor: tuple) -> Margins:
+    """The absolute margins (cosine, match) for every field."""
+    n = len(FIELDS)
+    return cls(np.tile(np.asarray(floor, np.float64), (n, 1)), np.ones((n, 2)),
+               np.zeros(n, bool))
+
+
+def field_margins(rise: np.ndarray, field: np.ndarray, *, rate: float, floor: tuple,
+                  min_rows: int) -> Margins:
+  """The margins calibrated on the rises [n, K, 2] of a pass's rows, with the field of each
+  clause [n, K] (-1: not judged), as the module docstring says; a field with fewer than
+  `min_rows` rows keeps the floors. Computed in float64 from the same rows, they are the same
+  on every process whatever the rows' order."""
+  if not 0.0 < rate < 1.0:
+    raise ValueError(f"scio.false_flag_rate={rate} must be between 0 and 1")
+  z = NormalDist().inv_cdf(1.0 - rate)
+  out = Margins.floors(floor)
+  for f in range(len(FIELDS)):
+    r = rise[field == f].astype(np.float64)  # [m, 2]
+    if len(r) < max(min_rows, 1):
+      continue
+    loc, scale = _robust(r)
+    scale = np.maximum(scale, 1e-12)  # a score whose rises do not vary: margin = its median
+    s_loc, s_scale = _robust(np.min((r - loc) / scale, axis=1))
+    out.value[f] = np.maximum(loc + (s_loc + z * s_scale) * scale, out.value[f])
+    out.scale[f], out.calibrated[f] = scale, True
+  return out
+
+
+def passing(rise: np.ndarray, field: np.ndarray, margins: Margins) -> np.ndarray:
+  """bool [n, K]: clause k's removal raises both scores past its field's margins, from the
+  rises [n, K, 2] (`rises`) and the field of each clause [n, K] (-1: not judged, never
+  passes)."""
+  value = np.where((field >= 0)[..., None], margins.value[field], np.inf)
+  return np.all(rise > value, axis=-1)
+
+
+def screen(rise: np.ndarray, field: np.ndarray, margins: Margins) -> np.ndarray:
+  """Flagged clause per pair (-1: none): of the clauses `passing`, the one furthest past its
+  margins in its field's spreads (of the score that passes by less), so that a narrow field's
+  clear rise wins over a wide field's marginal one."""
+  ok = passing(rise, field, margins)
+  excess = np.min((rise - margins.value[field]) / margins.scale[field], axis=-1)
+  return np.where(ok.any(axis=1), np.argmax(np.where(ok, excess, -np.inf), axis=1),
+                  -1).astype(np.int32)
 
 
 def pair_weight(match_kept: np.ndarray, floor: float) -> np.ndarray:
@@ -111,13 +205,15 @@ class ModelScorer:
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PassResult:
-  """What one pass did: rows rescored, clause flagged per row (-1), rewrites kept, time, and
-  the rows it could not rescore (image unreadable, caption without the schema's clauses)."""
+  """What one pass did: rows rescored, clause flagged per row (-1), rewrites kept, the
+  screen's margins, time, and the rows it could not rescore (image unreadable, caption without
+  the schema's clauses)."""
   stage: Stage
   rows: np.ndarray           # int [n] table rows rescored
   flagged: np.ndarray        # int32 [n]
   rewritten: np.ndarray      # bool [n]
   score_change: np.ndarray   # float32 [n, 2] (cosine, match) of the kept minus the full caption
+  margins: Margins           # the screen's margins for each field
   seconds: float
   unreadable: int = 0
   malformed: int = 0
@@ -125,6 +221,8 @@ class PassResult:
   def metrics(self) -> dict[str, float]:
     n = max(len(self.rows), 1)
     change = self.score_change.mean(axis=0) if len(self.rows) else np.zeros(2)
+    margins = {f"scio/margin_{score}/{field}": float(self.margins.value[f, j])
+               for j, score in enumerate(("cosine", "match")) for f, field in enumerate(FIELDS)}
     return {"scio/rescored": float(len(self.rows)), "scio/stage": float(self.stage),
             "scio/flag_rate": float(np.sum(self.flagged >= 0) / n),
             "scio/rewrite_rate": float(np.sum(self.rewritten) / n),
@@ -134,7 +232,8 @@ class PassResult:
             "scio/skipped_unreadable": float(self.unreadable),
             "scio/skipped_malformed": float(self.malformed),
             "scio/pass_seconds": self.seconds,
-            "scio/seconds_per_pair": self.seconds / n}
+            "scio/seconds_per_pair": self.seconds / n,
+            "scio/calibrated_fields": float(np.sum(self.margins.calibrated)), **margins}
 
 
 def caption_texts(tokenizer, st: text_lib.StructuredText, max_len: int):
@@ -249,6 +348,26 @@ def _padded(rows: list, size: int, shape: tuple, dtype) -> np.ndarray:
   return np.concatenate([out, np.repeat(out[:1], size - len(rows), axis=0)])
 
 
+def _fields(sts: list, full: list) -> np.ndarray:
+  """[n, K] the field of each clause of each row (FIELD_OF), -1 where the clause was cut off
+  by the token budget (its variant is the full caption: it cannot be judged)."""
+  out = np.full((len(sts), caption_lib.CLAUSES), -1, np.int32)
+  for r, (st, (_, clause)) in enumerate(zip(sts, full)):
+    judged = np.isin(np.arange(caption_lib.CLAUSES), clause)
+    out[r] = np.where(judged, FIELD_OF[st.family], -1)
+  return out
+
+
+def _gathered(processes: inference_lib.Processes, x: np.ndarray, capacity: int,
+              fill) -> np.ndarray:
+  """Every process's rows of x in process order, each process's padded to `capacity` rows
+  with `fill` (which must mark a row as none: field -1)."""
+  if processes.count == 1:
+    return x
+  x = np.concatenate([x, np.full((capacity - len(x), *x.shape[1:]), fill, x.dtype)])
+  return processes.gather(x).reshape(-1, *x.shape[1:])
+
+
 def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: ScoreFn,
              fill: FillFn | None, *, stage: Stage, cfg, max_len: int,
              rank: RankFn | None = None, pool: values_lib.ValuePool | None = None,
@@ -265,8 +384,9 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
 
   With several processes (`processes`, default this run's) every process calls this with the
   same table and rescores its share of each chunk (`processes.local_batch` rows): score, fill
-  and rank are collectives over those shares, every process takes the same branches, and the
-  decisions are exchanged at the end, so every process returns the same table. A pair whose
+  and rank are collectives over those shares, every process takes the same branches, the
+  rises are exchanged before the screen (every process calibrates on all of them) and the
+  decisions at the end, so every process returns the same table. A pair whose
   image does not decode or whose caption is malformed is skipped, counted and logged.
   """
   n_values = int(cfg.fill_candidates)
@@ -278,21 +398,41 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
   image_shape = (preprocess.image_size, preprocess.image_size, preprocess.channels)
   start = time.time()
   rows = pass_rows(table.version, len(table), cfg.slice_size)
-  done, flagged, accepted, scores, rewrites = [], [], [], [], {}
+  capacity = -(-len(rows) // cfg.batch_size) * per  # the most rows a process rescores
+  # Scoring: every chunk's scores first, so that the margins rest on the whole pass.
+  chunks = []  # (table rows read, rises [n, K, 2], field [n, K], cosine, match)
   unreadable = malformed = 0
   for lo in range(0, len(rows), cfg.batch_size):
     own = rows[lo:lo + cfg.batch_size][processes.index * per:(processes.index + 1) * per]
     kept, images, texts, full, sts, bad_image, bad_text = _read(own, table, source, preprocess,
                                                                tokenizer, max_len)
     unreadable, malformed, n = unreadable + bad_image, malformed + bad_text, len(kept)
-    images = _padded(images, per, image_shape, np.float32)
-    texts = _padded(texts, per, (caption_lib.CLAUSES + 1, max_len), np.int32)
-    cosine, match = (x[:n] for x in score(images, texts))
-    flag = screen(cosine, match, cfg.margin_cosine, cfg.margin_match)
+    cosine, match = (x[:n] for x in score(_padded(images, per, image_shape, np.float32),
+                                          _padded(texts, per, (caption_lib.CLAUSES + 1,
+                                                               max_len), np.int32)))
+    chunks.append((own[kept], rises(cosine, match), _fields(sts, full), cosine, match))
+    if after_chunk is not None:
+      after_chunk()
+  # Calibration: every process's rises, so that every process computes the same margins.
+  pass_rise = _gathered(processes, np.concatenate([c[1] for c in chunks]), capacity, 0.0)
+  pass_field = _gathered(processes, np.concatenate([c[2] for c in chunks]), capacity, -1)
+  margins = field_margins(pass_rise, pass_field, rate=cfg.false_flag_rate,
+                          floor=(cfg.margin_cosine, cfg.margin_match),
+                          min_rows=cfg.calibration_min_rows)
+  # Decisions, chunk by chunk.
+  done, flagged, accepted, scores, rewrites = [], [], [], [], {}
+  for own, rise, field, cosine, match in chunks:
+    n = len(own)
+    flag = screen(rise, field, margins)
     take = np.where(flag >= 0, flag + 1, 0)
     kept_scores = np.stack([cosine[np.arange(n), take], match[np.arange(n), take]], axis=1)
     taken = np.zeros(n, bool)
     if stage == Stage.RECONSTRUCT and processes.any(np.any(flag >= 0)):
+      # the chunk's records again (they read as before: the evaluation preprocessing)
+      _, images, texts, full, sts, _, _ = _read(own, table, source, preprocess, tokenizer,
+                                                max_len)
+      images = _padded(images, per, image_shape, np.float32)
+      texts = _padded(texts, per, (caption_lib.CLAUSES + 1, max_len), np.int32)
       ids = _padded([f[0] for f in full], per, (max_len,), np.int32)
       clause = _padded([f[1] for f in full], per, (max_len,), np.int32)
       k = np.full(per, -1, np.int32)
@@ -313,18 +453,16 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
           if cos_r[r] > cosine[r, 0] and match_r[r] > match[r, 0]:
             taken[r] = True
             kept_scores[r] = (cos_r[r], match_r[r])
-            rewrites[int(own[kept[r]])] = (int(flag[r]), c.values[flag[r]])
-    done.extend(int(own[j]) for j in kept)
+            rewrites[int(own[r])] = (int(flag[r]), c.values[flag[r]])
+    done.extend(int(i) for i in own)
     flagged.append(flag)
     accepted.append(taken)
     scores.append(np.concatenate([np.stack([cosine[:, 0], match[:, 0]], axis=1), kept_scores],
                                  axis=1).astype(np.float32))
-    if after_chunk is not None:
-      after_chunk()
   local = _Outcomes(np.asarray(done, np.int64), np.concatenate(flagged).astype(np.int32),
                     np.concatenate(accepted), np.concatenate(scores).reshape(-1, 4),
                     rewrites, unreadable, malformed)
-  every = local.exchanged(processes, capacity=-(-len(rows) // cfg.batch_size) * per)
+  every = local.exchanged(processes, capacity)
   new = every.applied(table, cfg.weight_floor)
   position = np.empty(len(table), np.int64)
   position[rows] = np.arange(len(rows))
@@ -332,6 +470,7 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
   result = PassResult(stage=stage, rows=every.rows[order], flagged=every.flagged[order],
                       rewritten=every.accepted[order],
                       score_change=(every.scores[:, 2:] - every.scores[:, :2])[order],
+                      margins=margins,
                       seconds=time.time() - start, unreadable=every.unreadable,
                       malformed=every.malformed)
   return new, result
