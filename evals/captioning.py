@@ -32,9 +32,10 @@ A reference value longer than `max_span` tokens, or past the model's max_len dec
 cannot be matched, so the accuracy of long fields is bounded by those two settings.
 
 Repetition (`repetition`): the share of the non-empty generated values (all eight fields of
-every image) in which one token occurs REPEAT_RUN (3) or more times in a row, tokens as
-`normalize` cuts them ("the the the", "of of of"): the degenerate loops of a decoder that has
-not learnt when to stop, which field accuracy alone does not show. Interval over those values.
+every image) in which a phrase of one to REPEAT_NGRAM (4) tokens occurs REPEAT_RUN (3) or more
+times in a row, tokens as `normalize` cuts them ("of of of", "the port area of the port area of
+the port area of"): the degenerate loops of a decoder that has not learnt when to stop, which
+field accuracy alone does not show. Interval over those values.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from klip.data import schema
 
 BLEU_N = 4
 EXAMPLES = 8  # reference-vs-generated rows in the report
-REPEAT_RUN = 3  # a value with one token this many times in a row counts as repeating
+REPEAT_RUN = 3  # a value with a phrase this many times in a row counts as repeating
+REPEAT_NGRAM = 4  # the longest phrase (in tokens) looked for
 
 
 def normalize(text: str) -> str:
@@ -138,14 +140,16 @@ def field_accuracy(matches: Sequence[dict[str, bool]]) -> Iterator[tuple[str, fl
     yield from stats.with_ci(f"field/{name}", np.array(by_field[name]))
 
 
-def repeats(value: str, run: int = REPEAT_RUN) -> bool:
-  """Whether one `normalize` token of `value` occurs `run` or more times in a row."""
+def repeats(value: str, run: int = REPEAT_RUN, longest: int = REPEAT_NGRAM) -> bool:
+  """Whether a phrase of 1 to `longest` `normalize` tokens of `value` occurs `run` or more times
+  in a row ("of of of", "the port area of the port area of the port area of")."""
   tokens = normalize(value).split()
-  streak = 1
-  for prev, token in zip(tokens, tokens[1:]):
-    streak = streak + 1 if token == prev else 1
-    if streak >= run:
-      return True
+  for n in range(1, longest + 1):
+    same = 0  # tokens in a row equal to the token n before: the phrase spans n + same tokens
+    for i in range(n, len(tokens)):
+      same = same + 1 if tokens[i] == tokens[i - n] else 0
+      if same >= (run - 1) * n:
+        return True
   return run <= 1 and bool(tokens)
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from evals import captioning
 from klip.data import caption as caption_lib
+from klip.data import simulator
+from klip.hcot import generator
 from tests.conftest import SHARED_DATA
 
 
@@ -27,6 +29,24 @@ def test_repeats_counts_three_identical_tokens_in_a_row():
   assert not captioning.repeats("left, top left and bottom left")
   assert not captioning.repeats("")
   assert captioning.repeats("a a", run=2) and not captioning.repeats("a b a", run=2)
+
+
+def test_repeats_counts_a_phrase_three_times_in_a_row():
+  assert captioning.repeats("the port area of the port area of the port area of Osaka")
+  assert captioning.repeats("top left, top left, top left")
+  assert not captioning.repeats("the port area of the port area of Osaka")  # twice
+  assert not captioning.repeats("a b a b a")  # two and a half
+  assert not captioning.repeats("a b c d e a b c d e a b c d e")  # longer than REPEAT_NGRAM
+  assert captioning.repeats("a b a b", run=2)
+
+
+def test_no_reference_value_counts_as_repeating():
+  """The measure flags the decoder's loops, not the generator's own phrasing."""
+  gen = generator.Generator(generator.make_backend("rules"))
+  values = [v for c in simulator.simulate(range(200), seed=0, size=64, num_channels=2,
+                                                     workers=1)
+            for v in gen.generate(c).text.values]
+  assert values and not [v for v in values if captioning.repeats(v)]
 
 
 def test_repetition_is_the_share_of_non_empty_values():
