@@ -80,7 +80,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # clause_contrast_weight: contrast of each image with one of its observable clauses alone
   # ("the targets are classified as ...", the form of a zero-shot prompt; images whose drawn
   # clause reads the same are positives too), clause_max_len tokens long.
+  # reconstruct_mask_p / reconstruct_random_p: the shares of the decoder's input value tokens
+  # replaced by [MASK] / a random piece. The method's 0.5 / 0.1 trains the decoder on inputs
+  # that generation, which feeds back its own clean tokens, never shows it; 0 / 0 (teacher
+  # forcing, BLIP's captioner) wrote fields right where 0.5 / 0.1 looped (bench/README.md).
   c.loss = dict(contrast_weight=1.0, match_weight=1.0, reconstruct_weight=1.0,
+                reconstruct_mask_p=0.0, reconstruct_random_p=0.0,
                 clause_contrast_weight=0.0, clause_max_len=48,
                 contrast_type="softmax", label_smoothing=0.1, clause_negatives=False,
                 momentum=dict(enabled=False, decay=0.995, queue_size=4096, alpha=0.4))

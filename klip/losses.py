@@ -190,7 +190,8 @@ def matching(pos_logits, neg_text_logits, neg_image_logits, weights, has_neg, po
 
 
 def corrupt_values(rng, tokens, clause, vocab_size: int, mask_p=0.5, random_p=0.1):
-  """Corrupts every value-span token: 50 % -> [MASK], 10 % -> a random piece, 40 % kept.
+  """Corrupts value-span tokens: a share mask_p -> [MASK], random_p -> a random piece, the
+  rest kept (the method's 0.5 / 0.1; 0 / 0 leaves the caption clean).
 
   Returns the decoder input: [DEC] in place of [ENC], value tokens corrupted.
   """

@@ -4,8 +4,9 @@ Contrast (ITC): softmax InfoNCE (default), SigLIP-style sigmoid, or softmax agai
 feature queue with momentum distillation (`loss.momentum.enabled`). Match (ITM): fused positives
 plus one hard negative text per image and one hard negative image per text, all three kinds of
 pair scored in one batched pass of the fusion blocks (with `loss.clause_negatives`, also each
-image with its own caption, one observable value swapped, ranked below the caption). Reconstruct: the image-conditioned
-decoder predicts the value-span tokens from a caption whose value spans are corrupted.
+image with its own caption, one observable value swapped, ranked below the caption).
+Reconstruct: the image-conditioned decoder predicts the value-span tokens from the caption, its
+input value tokens corrupted at `loss.reconstruct_mask_p` / `reconstruct_random_p` (0: clean).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def total(model, batch, rng, config, momentum=None):
   # ----- reconstruct -----
   if cfg.reconstruct_weight:
     decoder_input = losses.corrupt_values(k_corrupt, tokens, clause,
-                                          config.model.text.vocab_size)
+                                          config.model.text.vocab_size,
+                                          cfg.reconstruct_mask_p, cfg.reconstruct_random_p)
     logits = model.decode_logits(image_tokens, decoder_input)
     recon, m = losses.reconstruction(logits, tokens, clause, weights, cfg.label_smoothing)
     metrics.update(m)

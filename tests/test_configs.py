@@ -43,8 +43,13 @@ def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
   del old["model"]["text"]["fusion_layers"], old["model"]["decoder"]
   del old["model"]["attention"], old["model"]["stem"]
   del old["scio"]["fill_candidates"], old["checkpoint"]["keep_period"]
+  del old["scio"]["false_flag_rate"], old["scio"]["calibration_min_rows"]
+  del old["loss"]["reconstruct_mask_p"], old["loss"]["reconstruct_random_p"]
   (tmp_path / "config.json").write_text(json.dumps({"config": old, "history": []}))
   read = provenance.read_config(str(tmp_path))
+  # what those runs did: absolute margins for every field, the method's decoder corruption
+  assert read.scio.calibration_min_rows > 10**9 and read.scio.false_flag_rate == 0.02
+  assert (read.loss.reconstruct_mask_p, read.loss.reconstruct_random_p) == (0.5, 0.1)
   assert read.model.text.fusion_layers == read.model.decoder.depth == old["model"]["text"]["depth"]
   assert (read.model.attention, read.model.stem) == ("auto", "patch")
   assert read.scio.fill_candidates == 0 and read.checkpoint.keep_period == 0

@@ -352,3 +352,26 @@ def test_clause_contrast_treats_images_with_the_same_clause_as_positives(pair):
                              plain, rtol=1e-6)
   invalid = weights.at[2].set(0.0)
   assert float(losses.clause_contrastive(zimg, zclause, 10.0, invalid, tokens)[0]) < 100
+
+
+@pytest.mark.parametrize("mask_p,random_p", [(0.0, 0.0), (1.0, 0.0)])
+def test_total_corrupts_the_decoder_input_at_the_configured_rates(smoke_model, mask_p,
+                                                                   random_p):
+  """loss.reconstruct_mask_p / reconstruct_random_p reach the decoder's input: at 0 / 0 the
+  decoder reads the clean caption (teacher forcing), at 1 / 0 every value token is [MASK]."""
+  _, model = smoke_model
+  config = _smoke_config(contrast_weight=0.0, match_weight=0.0, reconstruct_mask_p=mask_p,
+                         reconstruct_random_p=random_p)
+  batch = _batch(config)
+  batch["clause"][:, 5:9] = 1
+  decoder_input = batch["tokens"].copy()
+  decoder_input[:, 0] = caption_lib.DEC
+  if mask_p:
+    decoder_input[:, 5:9] = caption_lib.MASK
+  _, (metrics, _) = nnx.jit(lambda m, b: objectives.total(m, b, jax.random.key(3), config))(
+      model, batch)
+  image_tokens = predict.embed_images(model, batch["image"])[1]
+  expected, _ = losses.reconstruction(model.decode_logits(image_tokens, decoder_input),
+                                      batch["tokens"], batch["clause"], batch["weight"],
+                                      config.loss.label_smoothing)
+  np.testing.assert_allclose(metrics["reconstruct/loss"], expected, rtol=1e-5)
