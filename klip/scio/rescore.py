@@ -361,7 +361,7 @@ def _fields(sts: list, full: list) -> np.ndarray:
 def _gathered(processes: inference_lib.Processes, x: np.ndarray, capacity: int,
               fill) -> np.ndarray:
   """Every process's rows of x in process order, each process's padded to `capacity` rows
-  with `fill` (which must mark a row as none: field -1)."""
+  with `fill` (the caller tells padding from rows by it: field -1, table row -1)."""
   if processes.count == 1:
     return x
   x = np.concatenate([x, np.full((capacity - len(x), *x.shape[1:]), fill, x.dtype)])
@@ -492,12 +492,9 @@ class _Outcomes:
     can have rescored, to which each pads its arrays for the exchange."""
     if processes.count == 1:
       return self
-    n = len(self.rows)
-    pad = lambda x, fill: np.concatenate([x, np.full((capacity - n, *x.shape[1:]), fill,
-                                                      x.dtype)])
-    rows = processes.gather(pad(self.rows, -1))
+    rows = _gathered(processes, self.rows, capacity, -1)
     real = rows >= 0
-    gathered = lambda x: processes.gather(pad(x, 0))[real]
+    gathered = lambda x: _gathered(processes, x, capacity, 0)[real]  # noqa: E731
     rewrites, unreadable, malformed = {}, 0, 0
     for part in processes.gather_json([list(self.rewrites.items()), self.unreadable,
                                        self.malformed]):
