@@ -49,7 +49,13 @@ Tasks:
   neither prepared nor preparable.
 - opensarship_subtype: the AIS ship type (opensarship/default): fit on train, score test.
 - synthetic_category / _count / _landcover / _position / _terrain, on the run's synthetic
-  corpus (its train split is the pretraining data): fit on val, score test. category: the first
+  corpus (its train split is the pretraining data): fit on val, score test. The corpus splits
+  by city (5 cities each in val and test, 40 in train), and terrain is a property of the city:
+  fitted on val, the terrain probe meets only test cities' landforms it never saw.
+- `--fit=train` fits every task's probes and k-NN on its train split instead, the pretraining
+  split included (the linear-probe protocol of SimCLR and MAE: the probe sees images the
+  pretraining saw, the test split stays held out): about 10x the synthetic fit chips, from 40
+  cities instead of 5. The references use the same fit split. category: the first
   target's category; count: the exact number of targets (target chips); landcover: the mask's
   dominant class; terrain: the scene's landform (`terrain` metadata, e.g. "coastal plain");
   position: the 3x3-grid cell of a target, as evals/answers.py's VQA position question: every
@@ -236,7 +242,7 @@ def format_table(rows: list[dict], pixel_factor: dict) -> str:
 def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
         ceiling_seconds: float = -1.0, max_examples: int = 0, caption_examples: int = 64,
         batch_size: int = 64, source_root: str = "", prepare_workers: int = 1,
-        results: str | None = common.RESULTS,
+        fit: str = "held_out", results: str | None = common.RESULTS,
         out_dir: str | None = common.OUT_DIR, command: str | None = None) -> dict:
   """The whole benchmark; returns {'rows', 'captioning', 'seconds', ...} (and prints the
   table, appends RESULTS.md rows unless results is None)."""
@@ -277,7 +283,7 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
   k = ec.evals.knn_category.k
   t = time.time()
   tasks = tasks_lib.task_data(datasets, specs, run_cfg, data_dir, max_examples=max_examples,
-                    ceiling=budget > 0)
+                    ceiling=budget > 0, fit=fit)
   times["data"] = time.time() - t
 
   # ----- the pretrained and random-init models' features; the probes
@@ -357,10 +363,10 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
 
   # ----- report
   info = {"variant": run_cfg.get("variant", "?"), "step": step,
-          "commit": provenance.git_commit(), "run_commit": _run_commit(workdir)}
+          "commit": provenance.git_commit(), "run_commit": _run_commit(workdir), "fit": fit}
   table = format_table(rows, pixel_factor)
   lines = ["", f"Learning benchmark: {workdir} ({info['variant']}, step {step}; commit "
-           f"{info['commit']}, run trained at {info['run_commit']}; {common.machine()})", table]
+           f"{info['commit']}, run trained at {info['run_commit']}; probes fit on the {fit} split; {common.machine()})", table]
   for row in rows:
     if row.get("skipped"):
       lines.append(f"  {row['task']}: skipped: {row['skipped']}")
@@ -417,7 +423,7 @@ def _record(path, rows, cap, times, info, ceiling, budget, load_start, command) 
   now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   machine = f"{common.machine()}; load {load_start:.1f}->{common.load():.1f}"
   head = f"variant={info['variant']}; step={info['step']}; commit={info['commit']}; " \
-         f"run_commit={info['run_commit']}"
+         f"run_commit={info['run_commit']}; fit={info['fit']}"
   command = command or _command()
   lines = []
   for row in rows:
@@ -463,6 +469,8 @@ def define_flags() -> None:
   flags.DEFINE_string("source_root", "", "Real archives (default: the eval config's "
                       "../shared/data).")
   flags.DEFINE_integer("prepare_workers", 1, "Processes preparing a real archive on first use.")
+  flags.DEFINE_enum("fit", "held_out", tasks_lib.FITS, "The probes' fit split: held_out (a "
+                    "split the run did not pretrain on) or train (every task's train split).")
 
 
 def main(argv):
@@ -477,7 +485,7 @@ def main(argv):
   run(f.workdir, variant=f.variant, data_dir=f.data_dir if f["data_dir"].present else "",
       step=f.step, ceiling_seconds=f.ceiling_seconds, max_examples=f.max_examples,
       caption_examples=f.caption_examples, batch_size=f.batch_size, source_root=f.source_root,
-      prepare_workers=f.prepare_workers)
+      prepare_workers=f.prepare_workers, fit=f.fit)
 
 
 if __name__ == "__main__":

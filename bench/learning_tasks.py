@@ -173,25 +173,39 @@ def _read_split(data_dir: str, key: str, name: str, split: str, limit: int) -> d
   return data_lib.Split(key, name, split, [source[int(i)] for i in rows])
 
 
+FITS = ("held_out", "train")
+
+
 def task_data(datasets: data_lib.Datasets, specs, run, data_dir: str, *, max_examples: int,
-              ceiling: bool) -> list[TaskData]:
-  """Fit, test and ceiling-training splits of every task; skipped tasks say why."""
+              ceiling: bool, fit: str = "held_out") -> list[TaskData]:
+  """Fit, test and ceiling-training splits of every task; skipped tasks say why.
+
+  fit: "held_out" fits the probes on a split the run did not pretrain on (synthetic and a
+  pretrained-on archive: val; others: train); "train" fits them on every task's train split,
+  the pretraining split included (read without the held-out check), the linear-probe protocol
+  of SimCLR and MAE: the probe sees the images pretraining saw, never the test split.
+  """
+  if fit not in FITS:
+    raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
   out = []
   for task in TASKS:
     td = TaskData(task)
     out.append(td)
     name = specs[task.data].name
     in_pretraining = _pretraining_split(run, name) and run.data.split == "train"
-    fit_split = "val" if task.data == "synthetic" or in_pretraining else "train"
+    held_out = fit == "held_out" and (task.data == "synthetic" or in_pretraining)
+    fit_split = "val" if held_out else "train"
     try:
-      td.fit = labelled(datasets.split(task.data, fit_split), task.label)
+      # the pretraining data's train split: the ceiling's training data, and the probes' with
+      # fit="train"
+      train = (labelled(_read_split(data_dir, task.data, name, "train", max_examples),
+                        task.label) if in_pretraining and (ceiling or not held_out) else None)
+      td.fit = (train if train is not None and not held_out else
+                labelled(datasets.split(task.data, fit_split), task.label))
       td.test = labelled(datasets.split(task.data, "test"), task.label)
-      if ceiling:
-        if in_pretraining:  # the pretraining data's train split
-          train = _read_split(data_dir, task.data, name, "train", max_examples)
-          td.ceiling_train, td.ceiling_source = labelled(train, task.label), f"{name}:train"
-        else:  # the task's only labelled training data
-          td.ceiling_train, td.ceiling_source = td.fit, f"{name}:{fit_split}"
+      if ceiling:  # the pretraining data's train split, else the task's only labelled data
+        td.ceiling_train = train if train is not None else td.fit
+        td.ceiling_source = f"{name}:{'train' if train is not None else fit_split}"
     except (dataset_lib.DatasetMissingError, data_lib.HeldOutError, NoLabels) as e:
       td.skipped = str(e).splitlines()[0]
       log(f"{task.name}: skipped: {td.skipped}")
