@@ -66,8 +66,10 @@ Tasks:
   chips holding a target in the most often occupied cell.
 Captioning (the pretrained model, evals/captioning.py, greedy, on `--caption_examples` chips of
 the synthetic test split): accuracy per observable field (caption.OBSERVABLE_FIELDS: exact value
-after normalisation) and `repetition`, the share of generated values with a token repeated 3+
-times in a row.
+after normalisation) and `repetition`, the share of generated values with a phrase of 1-4 tokens
+repeated 3+ times in a row; against the constant captioner on the same chips
+(evals/captioning.py `constant_matches`: each field's most frequent value in the pretraining
+corpus's train split, whatever the image).
 
 It prints the table, appends one row per task and one for captioning and timings to
 bench/RESULTS.md (date, bench `learning/<task>`, command, machine and load; figures with the
@@ -338,8 +340,17 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
     metrics = dict(evaluator.run(Artifacts(art_dir, "captioning")))
     fields = {f: metrics[f"field/{f}"] for f in caption_lib.OBSERVABLE_FIELDS
               if f"field/{f}" in metrics}
+    # the same-run reference: each field's most frequent value in the pretraining corpus
+    captioned = datasets.split("synthetic", "test", max_examples=caption_examples or None)
+    train = tasks_lib.read_split(data_dir, "synthetic", specs.synthetic.name, "train",
+                                 max_examples)
+    constant = dict(captioning.field_accuracy(
+        captioning.constant_matches(train.records, captioned.records)))
+    constant = {f: constant[f"field/{f}"] for f in fields if f"field/{f}" in constant}
     cap = {"fields": fields, "repetition": metrics.get("repetition", float("nan")),
            "observable_mean": float(np.mean(list(fields.values()))) if fields else float("nan"),
+           "constant": constant,
+           "constant_mean": float(np.mean(list(constant.values()))) if constant else float("nan"),
            "examples": int(metrics["num_examples"])}
   except (dataset_lib.DatasetMissingError, ValueError) as e:
     cap = {"skipped": str(e).splitlines()[0]}
@@ -384,6 +395,9 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
     lines.append(f"captioning ({cap['examples']} synthetic test chips, greedy): observable "
                  "field accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in cap["fields"].items())
                  + f"; mean {cap['observable_mean']:.3f}; repetition {cap['repetition']:.3f}")
+    lines.append("  the constant captioner (each field's most frequent train value): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in cap["constant"].items())
+                 + f"; mean {cap['constant_mean']:.3f}")
   elif cap:
     lines.append(f"captioning: skipped: {cap['skipped']}")
   lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
@@ -437,7 +451,8 @@ def _record(path, rows, cap, times, info, ceiling, budget, load_start, command) 
   if "fields" in cap:
     figs += "".join(f"; field_{k}={v:.3f}" for k, v in cap["fields"].items())
     figs += f"; observable_mean={cap['observable_mean']:.3f}; repetition=" \
-            f"{_fmt(cap['repetition'])}; caption_examples={cap['examples']}"
+            f"{_fmt(cap['repetition'])}; caption_examples={cap['examples']}; " \
+            f"constant_mean={cap['constant_mean']:.3f}"
   elif cap:
     figs += f"; captioning_skipped={cap['skipped'].replace('|', '/')}"
   figs += f"; ceiling_steps={ceiling.steps}; ceiling_budget_s={budget:.0f}; " \

@@ -165,7 +165,7 @@ def _pretraining_split(run, name: str) -> bool:
   return name in dataset_lib.parts(run.data.dataset)
 
 
-def _read_split(data_dir: str, key: str, name: str, split: str, limit: int) -> data_lib.Split:
+def read_split(data_dir: str, key: str, name: str, split: str, limit: int) -> data_lib.Split:
   """A split read directly, without evals/data.py's held-out check (the ceiling trains on the
   pretraining split)."""
   source = dataset_lib.source(data_dir, name, split)
@@ -198,7 +198,7 @@ def task_data(datasets: data_lib.Datasets, specs, run, data_dir: str, *, max_exa
     try:
       # the pretraining data's train split: the ceiling's training data, and the probes' with
       # fit="train"
-      train = (labelled(_read_split(data_dir, task.data, name, "train", max_examples),
+      train = (labelled(read_split(data_dir, task.data, name, "train", max_examples),
                         task.label) if in_pretraining and (ceiling or not held_out) else None)
       td.fit = (train if train is not None and not held_out else
                 labelled(datasets.split(task.data, fit_split), task.label))

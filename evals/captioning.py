@@ -128,6 +128,27 @@ def field_matches(records: Sequence[dict], captions: Sequence[str]) -> list[dict
   return out
 
 
+def constant_matches(train_records: Sequence[dict], records: Sequence[dict]
+                     ) -> list[dict[str, bool]]:
+  """`field_matches` of the constant captioner: for every (family, field), the value most
+  frequent (after `normalize`) in `train_records`, whatever the image. The reference a
+  captioner that reads no pixels reaches; ties go to the value first seen."""
+  counts = collections.defaultdict(collections.Counter)
+  for record in train_records:
+    family = schema.text_of(record["family"])
+    for name, value in zip(record["field_names"], record["field_values"], strict=True):
+      counts[family, schema.text_of(name)][normalize(schema.text_of(value))] += 1
+  out = []
+  for record in records:
+    family = schema.text_of(record["family"])
+    out.append({schema.text_of(name): bool(counts[family, schema.text_of(name)]) and
+                counts[family, schema.text_of(name)].most_common(1)[0][0] ==
+                normalize(schema.text_of(value))
+                for name, value in zip(record["field_names"], record["field_values"],
+                                       strict=True)})
+  return out
+
+
 def field_accuracy(matches: Sequence[dict[str, bool]]) -> Iterator[tuple[str, float]]:
   """`field_accuracy` over all fields and `field/<name>` per field name, with intervals."""
   yield from stats.with_ci("field_accuracy", np.array([np.mean(list(m.values()))

@@ -90,6 +90,26 @@ def test_field_accuracy_by_hand():
   assert got["field/water"] == 0.0 and "field/water/ci_high" in got
 
 
+def _record(family, values):
+  return {"family": family.encode(), "field_names": [n.encode() for n in
+                                                     caption_lib.FAMILIES[family]],
+          "field_values": [v.encode() for v in values]}
+
+
+def test_the_constant_captioner_answers_each_fields_most_frequent_train_value():
+  other = ("two ships",) + TARGET[1:]
+  train = [_record("target", TARGET), _record("target", other), _record("target", other),
+           _record("landform", LANDFORM)]
+  test = [_record("target", ("Three ships.",) + TARGET[1:]),  # normalised: not "two ships"
+          _record("target", other), _record("landform", ("x",) + LANDFORM[1:])]
+  matches = captioning.constant_matches(train, test)
+  assert [m["count"] for m in matches[:2]] == [False, True]
+  assert all(matches[0][n] for n in caption_lib.FAMILIES["target"][1:])
+  assert not matches[2]["terrain"] and sum(matches[2].values()) == 7
+  # a family the train records never show has no constant answer
+  assert not any(captioning.constant_matches(train[:1], test[2:])[0].values())
+
+
 class MixedFamilies:
   """Datasets whose split is the first two target and two landform records of the test split,
   so that both generation groups run."""
