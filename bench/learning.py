@@ -51,11 +51,13 @@ Tasks:
 - synthetic_category / _count / _landcover / _position / _terrain, on the run's synthetic
   corpus (its train split is the pretraining data): fit on val, score test. The corpus splits
   by city (5 cities each in val and test, 40 in train), and terrain is a property of the city:
-  fitted on val, the terrain probe meets only test cities' landforms it never saw.
+  fitted on val, the terrain probe learns 5 cities' landforms (the test split's lake plain is
+  not among them).
 - `--fit=train` fits every task's probes and k-NN on its train split instead, the pretraining
   split included (the linear-probe protocol of SimCLR and MAE: the probe sees images the
   pretraining saw, the test split stays held out): about 10x the synthetic fit chips, from 40
-  cities instead of 5. The references use the same fit split. category: the first
+  cities instead of 5. The references use the same fit split.
+  Synthetic labels: category: the first
   target's category; count: the exact number of targets (target chips); landcover: the mask's
   dominant class; terrain: the scene's landform (`terrain` metadata, e.g. "coastal plain");
   position: the 3x3-grid cell of a target, as evals/answers.py's VQA position question: every
@@ -300,31 +302,31 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
       row["skipped"] = td.skipped
       continue
     log(f"{td.task.name}: features, zero-shot, probes, kNN")
-    fit, test = td.fit, td.test
-    x_fit, x_test = fit.pooled(pretrained), test.pooled(pretrained)
-    classes = sorted(frozenset().union(*fit.sets, *test.sets,
+    fit_lab, test_lab = td.fit, td.test
+    x_fit, x_test = fit_lab.pooled(pretrained), test_lab.pooled(pretrained)
+    classes = sorted(frozenset().union(*fit_lab.sets, *test_lab.sets,
                                        zeroshot.VOCABULARIES.get(td.task.label, ())))
     class_prompts = [tasks_lib.prompts(td.task.label, c) for c in classes]
     if all(class_prompts):
       text = zeroshot.class_embeddings(pretrained.embed_texts, class_prompts)
-      pred = np.argmax(test.embedding(pretrained) @ text.T, axis=-1)
-      row["zeroshot"] = tasks_lib.accuracy([classes[i] for i in pred], test.sets)
+      pred = np.argmax(test_lab.embedding(pretrained) @ text.T, axis=-1)
+      row["zeroshot"] = tasks_lib.accuracy([classes[i] for i in pred], test_lab.sets)
     else:
       row["zeroshot"] = "n/a"
-    row["probe"] = tasks_lib.probe_accuracy(x_fit, fit.sets, x_test, test.sets, l2=l2,
+    row["probe"] = tasks_lib.probe_accuracy(x_fit, fit_lab.sets, x_test, test_lab.sets, l2=l2,
                                             epochs=epochs)
-    row["knn"] = tasks_lib.knn_accuracy(x_fit, fit.sets, x_test, test.sets, k=k)
-    p_fit, factor = tasks_lib.pixel_features(pretrained, fit, pixels)
-    p_test, _ = tasks_lib.pixel_features(pretrained, test, pixels)
+    row["knn"] = tasks_lib.knn_accuracy(x_fit, fit_lab.sets, x_test, test_lab.sets, k=k)
+    p_fit, factor = tasks_lib.pixel_features(pretrained, fit_lab, pixels)
+    p_test, _ = tasks_lib.pixel_features(pretrained, test_lab, pixels)
     pixel_factor[td.task.name] = factor
-    row["pixel_probe"] = tasks_lib.probe_accuracy(p_fit, fit.sets, p_test, test.sets, l2=l2,
-                                        epochs=epochs)
+    row["pixel_probe"] = tasks_lib.probe_accuracy(p_fit, fit_lab.sets, p_test, test_lab.sets,
+                                                  l2=l2, epochs=epochs)
     row["pixel_pool"] = factor
     row["random_probe"] = tasks_lib.probe_accuracy(
-        fit.pooled(random_init), fit.sets, test.pooled(random_init), test.sets, l2=l2,
-        epochs=epochs)
-    row["chance"] = tasks_lib.chance(test.sets)
-    row["n_train"], row["n_test"] = len(fit.sets), len(test.sets)
+        fit_lab.pooled(random_init), fit_lab.sets, test_lab.pooled(random_init), test_lab.sets,
+        l2=l2, epochs=epochs)
+    row["chance"] = tasks_lib.chance(test_lab.sets)
+    row["n_train"], row["n_test"] = len(fit_lab.sets), len(test_lab.sets)
     row["classes"] = len(classes)
   times["probes"] = time.time() - t
 
