@@ -89,7 +89,8 @@ def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
   assert 0.0 <= cap["repetition"] <= 1.0
   lines = [l for l in results.read_text().splitlines() if l.startswith("| ")]
   assert len(lines) == len(learning_tasks.TASKS) + 1
-  assert all("variant=smoke; step=10; commit=" in l for l in lines)
+  assert all("variant=smoke; step=10; commit=" in l and "; fit=held_out; " in l for l in lines)
+  assert 0.0 <= cap["constant_mean"] <= 1.0 and set(cap["constant"]) == set(cap["fields"])
   assert os.path.exists(tmp_path / "out" / "learning.json")
 
 
