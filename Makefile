@@ -40,11 +40,16 @@ eval: venv
 	$(PY) -m evals.run --config=configs/eval.py:tiny --workdir=$(DEMO_WORKDIR) --once \
 	    --config.data_dir=$(DATA_DIR)
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process): tests sharing a module-scoped fixture
+# or the real archives stay on one worker (xdist_group marks, tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+
 test: venv
-	$(PY) -m pytest -q -rs --durations=15 tests
+	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_PARALLEL) tests
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL) tests
 
 # Benchmarks B1-B6 (bench/README.md). The open_clip side runs in .venv-bench (PyTorch, about
 # 5.6 GB), created here when missing or older than requirements-bench.txt; never by `make test`.

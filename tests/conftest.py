@@ -27,6 +27,34 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 SMOKE_CHIPS, SMOKE_SIZE = 160, 32
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config, items):
+  """For `make test`'s parallel run (pytest-xdist, --dist loadgroup): the tests that share a
+  module-scoped fixture of their file go to one worker, which builds it once (an explicit
+  xdist_group mark wins). On a worker the slow end-to-end tests come first, so that the long
+  ones start early and the short ones fill the gaps at the end; without xdist the order is
+  the files' own."""
+  for item in items:
+    if item.get_closest_marker("xdist_group"):
+      continue
+    defs = getattr(item, "_fixtureinfo", None)
+    scopes = {d[-1].scope for d in defs.name2fixturedefs.values() if d} if defs else set()
+    if scopes & {"module", "class", "package"}:
+      item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # alike on every worker
+  if config.getvalue("loadgroup"):
+    # xdist 3.8 groups by a "@group" suffix of the node id, which it sets through
+    # `item._nodeid`; pytest 9 keeps the id in `item._id`, so it is set here.
+    from _pytest.nodeid import coerce_node_id  # pylint: disable=g-import-not-at-top
+    for item in items:
+      names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                      for m in item.iter_markers("xdist_group")})
+      if names and "@" not in item.nodeid:
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """The smoke corpus (synthetic, 160 chips of 32 px), built once."""
@@ -98,6 +126,11 @@ def eval_datasets(smoke_predictor, data_dir):
   return Datasets(c.datasets, data_dir=c.data_dir, source_root=c.source_root,
                   pretrain=smoke_predictor.config.data, max_examples=c.max_examples,
                   prepare_workers=2)
+
+
+# The tests that prepare real archives of ../shared/data into the session corpus dir (on first
+# use, a minute for MSTAR): in a parallel run one worker prepares each archive once.
+real_archives = pytest.mark.xdist_group("real_archives")
 
 
 def needs_shared_data(path=""):

@@ -12,7 +12,7 @@ from evals import captioning
 from klip.data import caption as caption_lib
 from klip.data import simulator
 from klip.hcot import generator
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, real_archives
 
 
 def _caption(family, values):
@@ -59,6 +59,7 @@ def test_repetition_is_the_share_of_non_empty_values():
 
 
 @pytest.mark.slow
+@real_archives
 def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
   from bench import learning  # pylint: disable=g-import-not-at-top
   from bench import learning_tasks  # pylint: disable=g-import-not-at-top

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import eval_config, needs_shared_data
+from conftest import eval_config, needs_shared_data, real_archives
 from evals import classes, knn, linear_probe, zeroshot
 from evals.artifacts import Artifacts
 from evals.data import Split
@@ -256,6 +256,7 @@ def test_split_without_labels_is_an_error(smoke_predictor, eval_datasets):
 
 
 @pytest.mark.slow
+@real_archives
 @needs_shared_data("mstar")
 def test_evaluators_on_mstar(smoke_predictor, eval_datasets, data_dir, tmp_path):
   """MSTAR (prepared from ../shared/data on first use, about a minute)."""

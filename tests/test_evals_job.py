@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import SHARED_DATA, eval_config
+from conftest import SHARED_DATA, eval_config, real_archives
 from evals import data as data_lib
 from evals import job as job_lib
 from klip.data import dataset as dataset_lib
@@ -181,6 +181,7 @@ def _eval_cmd(workdir, data_dir, *extra):
 
 
 @pytest.mark.slow
+@real_archives
 def test_once_runs_every_evaluator_on_a_smoke_checkpoint(workdir, data_dir):
   """The CI run of the whole suite: every evaluator of the smoke config, one invocation."""
   out = subprocess.run(_eval_cmd(workdir, data_dir, "--once", "--step=10"), cwd=ROOT,
