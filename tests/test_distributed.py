@@ -21,6 +21,7 @@ from klip import sharding
 from klip import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX_SITE = os.path.join(ROOT, "tests", "jax_site")
 MESH_AXES = sharding.MESH_AXES
 
 
@@ -143,7 +144,11 @@ def test_multislice_mesh_puts_slices_on_the_first_axis():
 # Two processes x two CPU devices against one process x four.
 # ---------------------------------------------------------------------------------------------
 def _env():
-  return dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  # tests/jax_site/sitecustomize.py: every process of a run writes the persistent compilation
+  # cache, so that process 1 of a later launch finds its programs as process 0 does.
+  path = os.pathsep.join(filter(None, [JAX_SITE, os.environ.get("PYTHONPATH")]))
+  return dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="", JAX_PLATFORMS="cpu",
+              PYTHONPATH=path)
 
 
 def _train_args(workdir, data_dir, *overrides):
