@@ -379,7 +379,8 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
           "commit": provenance.git_commit(), "run_commit": _run_commit(workdir), "fit": fit}
   table = format_table(rows, pixel_factor)
   lines = ["", f"Learning benchmark: {workdir} ({info['variant']}, step {step}; commit "
-           f"{info['commit']}, run trained at {info['run_commit']}; probes fit on the {fit} split; {common.machine()})", table]
+           f"{info['commit']}, run trained at {info['run_commit']}; probes fit on the {fit} "
+           f"split; {common.machine()})", table]
   for row in rows:
     if row.get("skipped"):
       lines.append(f"  {row['task']}: skipped: {row['skipped']}")

@@ -187,7 +187,7 @@ def task_data(datasets: data_lib.Datasets, specs, run, data_dir: str, *, max_exa
   """
   if fit not in FITS:
     raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-  out = []
+  out, train_splits = [], {}  # each pretraining train split read once for all its tasks
   for task in TASKS:
     td = TaskData(task)
     out.append(td)
@@ -198,8 +198,11 @@ def task_data(datasets: data_lib.Datasets, specs, run, data_dir: str, *, max_exa
     try:
       # the pretraining data's train split: the ceiling's training data, and the probes' with
       # fit="train"
-      train = (labelled(read_split(data_dir, task.data, name, "train", max_examples),
-                        task.label) if in_pretraining and (ceiling or not held_out) else None)
+      train = None
+      if in_pretraining and (ceiling or not held_out):
+        if name not in train_splits:
+          train_splits[name] = read_split(data_dir, task.data, name, "train", max_examples)
+        train = labelled(train_splits[name], task.label)
       td.fit = (train if train is not None and not held_out else
                 labelled(datasets.split(task.data, fit_split), task.label))
       td.test = labelled(datasets.split(task.data, "test"), task.label)

@@ -138,11 +138,11 @@ def constant_matches(train_records: Sequence[dict], records: Sequence[dict]
     family = schema.text_of(record["family"])
     for name, value in zip(record["field_names"], record["field_values"], strict=True):
       counts[family, schema.text_of(name)][normalize(schema.text_of(value))] += 1
+  best = {key: c.most_common(1)[0][0] for key, c in counts.items()}
   out = []
   for record in records:
     family = schema.text_of(record["family"])
-    out.append({schema.text_of(name): bool(counts[family, schema.text_of(name)]) and
-                counts[family, schema.text_of(name)].most_common(1)[0][0] ==
+    out.append({schema.text_of(name): best.get((family, schema.text_of(name))) ==
                 normalize(schema.text_of(value))
                 for name, value in zip(record["field_names"], record["field_values"],
                                        strict=True)})
