@@ -76,6 +76,9 @@ def test_huge_pages_cut_the_page_faults_of_each_step():
     return int(out.stdout.split()[-1])
 
   small, large = faults(True), faults(False)
-  # 256 MB in 4 KiB pages is 65,536 faults per step; in 2 MiB pages, 128.
-  assert large > 30_000, (small, large)
+  # 256 MB in 4 KiB pages is 65,536 faults per step; in 2 MiB pages, 128. Some kernels (seen on
+  # 6.18) fault these temporaries in larger pieces without any advice: nothing left to cut.
+  if large <= 30_000:
+    pytest.skip(f"kernel {platform.release()} takes {large} faults per step without the tunable "
+                f"({small} with it), not one per 4 KiB page: the tunable has nothing to cut here")
   assert small < large / 20, (small, large)
