@@ -14,7 +14,7 @@ Per task, on the pretrained model (the latest complete checkpoint, or `--step`):
   (evals/zeroshot.py's `class_prompts` and `class_embeddings`; count and position classes are
   written as evals/answers.py writes VQA candidates, one caption clause each; "n/a" where a
   label has no prompt form);
-- probe: evals/linear_probe.py's recipe (standardised pooled CLS features, L-BFGS logistic
+- probe: evals/linear_probe.py's recipe (standardised pooled features, L-BFGS logistic
   regression, the eval config's l2 and iterations);
 - kNN: evals/knn.py's weighted vote (k from the eval config) on the same pooled features,
   standardised then unit-normalised (evals/knn.py itself votes on the projected embedding);
@@ -25,10 +25,11 @@ and three references on the same splits:
 - random-init probe: the same probe on a model of the run's config initialised as the trainer
   initialises it (`klip.train_state.create`: nnx.Rngs(config.seed)), never trained;
 - supervised ceiling: that same initial image tower (klip's ViT, the run's config) with one
-  linear head per task on the CLS token, trained from scratch with the summed cross-entropies
-  of all tasks (multi-task; each head on the examples that carry its label) on the pretraining
-  data's train split (a task whose dataset the run did not pretrain on, e.g. OpenSARShip, or
-  MSTAR for `tiny`, trains on its probe's fit split: the only labels it has), with the run's
+  linear head per task on the pooled vector (`ViT.pool`), trained from scratch with the summed
+  cross-entropies of all tasks (multi-task; each head on the examples that carry its label) on
+  the pretraining data's train split (a task whose dataset the run did not pretrain on, e.g.
+  OpenSARShip, or MSTAR for `tiny`, trains on its probe's fit split: the only labels it has),
+  with the run's
   optimizer (klip/optim.py: AdamW, warmup-cosine, clipping; the warmup the same fraction of the
   steps), batch size, seed and training-time augmentation (klip.data.pipeline.Preprocess), for
   as long as the pretraining trained (`--ceiling_seconds` overrides; 0 skips it). Both times
@@ -67,11 +68,12 @@ Tasks:
   occupied cell), k-NN votes with each neighbour's occupied cells; chance is the share of test
   chips holding a target in the most often occupied cell.
 Captioning (the pretrained model, evals/captioning.py, greedy, on `--caption_examples` chips of
-the synthetic test split): accuracy per observable field (caption.OBSERVABLE_FIELDS: exact value
-after normalisation) and `repetition`, the share of generated values with a phrase of 1-4 tokens
-repeated 3+ times in a row; against the constant captioner on the same chips
-(evals/captioning.py `constant_matches`: each field's most frequent value in the pretraining
-corpus's train split, whatever the image).
+the synthetic test split): accuracy per observable field (caption.OBSERVABLE_FIELDS) in content
+(evals/captioning.py `content`: the number, the grid cells, the cover class, wording and
+metadata aside) and word for word (exact value after normalisation), and `repetition`, the
+share of generated values with a phrase of 1-4 tokens repeated 3+ times in a row; against the
+constant captioner on the same chips (evals/captioning.py `constant_matches`: each field's most
+frequent value, or content, in the pretraining corpus's train split, whatever the image).
 
 It prints the table, appends one row per task and one for captioning and timings to
 bench/RESULTS.md (date, bench `learning/<task>`, command, machine and load; figures with the
@@ -220,6 +222,10 @@ def pretrain(variant: str, workdir: str, data_dir: str = "") -> float:
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
 # ---------------------------------------------------------------------------------------------
+def _mean(values: dict) -> float:
+  return float(np.mean(list(values.values()))) if values else float("nan")
+
+
 def _fmt(v) -> str:
   if isinstance(v, str):
     return v
@@ -340,20 +346,21 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
                                      beam_size=1, max_span=ec.evals.captioning.max_span,
                                      max_examples=caption_examples or None)
     metrics = dict(evaluator.run(Artifacts(art_dir, "captioning")))
-    fields = {f: metrics[f"field/{f}"] for f in caption_lib.OBSERVABLE_FIELDS
-              if f"field/{f}" in metrics}
     # the same-run reference: each field's most frequent value in the pretraining corpus
     captioned = datasets.split("synthetic", "test", max_examples=caption_examples or None)
     train = tasks_lib.read_split(data_dir, "synthetic", specs.synthetic.name, "train",
                                  max_examples)
-    constant = dict(captioning.field_accuracy(
-        captioning.constant_matches(train.records, captioned.records)))
-    constant = {f: constant[f"field/{f}"] for f in fields if f"field/{f}" in constant}
-    cap = {"fields": fields, "repetition": metrics.get("repetition", float("nan")),
-           "observable_mean": float(np.mean(list(fields.values()))) if fields else float("nan"),
-           "constant": constant,
-           "constant_mean": float(np.mean(list(constant.values()))) if constant else float("nan"),
+    cap = {"repetition": metrics.get("repetition", float("nan")),
            "examples": int(metrics["num_examples"])}
+    for key, prefix in (("field", ""), ("content", "content_")):  # exact text; what it says
+      fields = {f: metrics[f"{key}/{f}"] for f in caption_lib.OBSERVABLE_FIELDS
+                if f"{key}/{f}" in metrics}
+      constant = dict(captioning.field_accuracy(
+          captioning.constant_matches(train.records, captioned.records, key), key))
+      constant = {f: constant[f"{key}/{f}"] for f in fields if f"{key}/{f}" in constant}
+      cap.update({
+          f"{prefix}fields": fields, f"{prefix}constant": constant,
+          f"{prefix}observable_mean": _mean(fields), f"{prefix}constant_mean": _mean(constant)})
   except (dataset_lib.DatasetMissingError, ValueError) as e:
     cap = {"skipped": str(e).splitlines()[0]}
     log(f"captioning: skipped: {cap['skipped']}")
@@ -395,12 +402,16 @@ def run(workdir: str, *, variant: str = "", data_dir: str = "", step: int = 0,
     lines.append("pixel probe (2x): the input 2x2 average-pooled (more than "
                  f"{tasks_lib.PIXEL_LIMIT} values per image)")
   if "fields" in cap:
-    lines.append(f"captioning ({cap['examples']} synthetic test chips, greedy): observable "
-                 "field accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in cap["fields"].items())
-                 + f"; mean {cap['observable_mean']:.3f}; repetition {cap['repetition']:.3f}")
-    lines.append("  the constant captioner (each field's most frequent train value): "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in cap["constant"].items())
-                 + f"; mean {cap['constant_mean']:.3f}")
+    lines.append(f"captioning ({cap['examples']} synthetic test chips, greedy; repetition "
+                 f"{cap['repetition']:.3f}), observable fields right:")
+    for prefix, what in (("content_", "in content (evals/captioning.py `content`)"),
+                         ("", "word for word")):
+      lines.append(f"  {what}: " + ", ".join(
+          f"{k} {v:.3f}" for k, v in cap[f"{prefix}fields"].items())
+          + f"; mean {cap[f'{prefix}observable_mean']:.3f}")
+      lines.append("    the constant captioner (each field's most frequent train value): "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in cap[f"{prefix}constant"].items())
+                   + f"; mean {cap[f'{prefix}constant_mean']:.3f}")
   elif cap:
     lines.append(f"captioning: skipped: {cap['skipped']}")
   lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
@@ -456,6 +467,9 @@ def _record(path, rows, cap, times, info, ceiling, budget, load_start, command) 
     figs += f"; observable_mean={cap['observable_mean']:.3f}; repetition=" \
             f"{_fmt(cap['repetition'])}; caption_examples={cap['examples']}; " \
             f"constant_mean={cap['constant_mean']:.3f}"
+    figs += "".join(f"; content_{k}={v:.3f}" for k, v in cap["content_fields"].items())
+    figs += f"; content_mean={cap['content_observable_mean']:.3f}; " \
+            f"content_constant_mean={cap['content_constant_mean']:.3f}"
   elif cap:
     figs += f"; captioning_skipped={cap['skipped'].replace('|', '/')}"
   figs += f"; ceiling_steps={ceiling.steps}; ceiling_budget_s={budget:.0f}; " \

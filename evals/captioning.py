@@ -31,6 +31,16 @@ the interval over images of each image's fraction of correct fields). Then `num_
 A reference value longer than `max_span` tokens, or past the model's max_len decoding buffer,
 cannot be matched, so the accuracy of long fields is bounded by those two settings.
 
+Content accuracy (`content/<name>`, `content_accuracy`): the same comparison on what a value
+says that the pixels can show (`content`), not on its wording. The HCoT generator words one
+fact several ways at random ("3", "three ships", "3 ships") and writes metadata into some
+observable fields (terrain names the city, water its incidence angle), so exact match caps a
+captioner that sees perfectly far below 1 (count at about a third). The content of count is
+the number; of location the set of grid cells; of size the numbers it states; of terrain the
+cover class before "within/on/in the <landform> of <place>"; of water and buildings the part
+before "covering about N %"; of distribution "single" for every single-target form; of every
+other field the normalised value.
+
 Repetition (`repetition`): the share of the non-empty generated values (all eight fields of
 every image) in which a phrase of one to REPEAT_NGRAM (4) tokens occurs REPEAT_RUN (3) or more
 times in a row, tokens as `normalize` cuts them ("of of of", "the port area of the port area of
@@ -52,6 +62,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from evals import stats
 from klip.data import caption as caption_lib
 from klip.data import schema
+from klip.hcot import rules
 
 BLEU_N = 4
 EXAMPLES = 8  # reference-vs-generated rows in the report
@@ -117,48 +128,90 @@ def caption_scores(references: Sequence[str], hypotheses: Sequence[str]
     yield from stats.with_ci(name, np.asarray(per_image, np.float64))
 
 
-def field_matches(records: Sequence[dict], captions: Sequence[str]) -> list[dict[str, bool]]:
-  """Per image, field name -> whether the generated value equals the reference value."""
+_NUMBERS = {w: str(i) for i, w in enumerate(rules.NUMBER_WORDS)}
+_SINGLE = ("a single ", "one ")  # every wording of distribution "single" starts so
+_PLACE = re.compile(r" (?:within|on|in) the ")
+_GRID_SPLIT = re.compile(r", | and ")
+
+
+def content(field: str, value: str) -> str:
+  """What `value` of `field` says that the pixels can show, wording aside (module docstring);
+  a value without the expected form is its normalised text."""
+  text = value.strip().lower()
+  if field == "count":
+    for token in normalize(text).split():
+      if token.isdigit() or token in _NUMBERS:
+        return _NUMBERS.get(token, token)
+  elif field == "location":
+    if text.startswith("several parts"):
+      return "several, most at " + text.rsplit(" the ", 1)[-1]
+    if text.startswith("the ") and text.endswith(" of the image"):
+      cells = _GRID_SPLIT.split(text[len("the "):-len(" of the image")])
+      return " | ".join(sorted(set(cells)))
+  elif field == "size":
+    numbers = re.findall(r"\d+(?:\.\d+)?", text)
+    if numbers:
+      return " ".join(numbers)
+  elif field == "terrain":
+    return normalize(_PLACE.split(text, maxsplit=1)[0])
+  elif field in ("water", "buildings"):
+    return normalize(text.split(" covering", 1)[0])
+  elif field == "distribution" and text.startswith(_SINGLE):
+    return "single"
+  return normalize(text)
+
+
+KEYS = {"field": lambda name, value: normalize(value), "content": content}
+
+
+def field_matches(records: Sequence[dict], captions: Sequence[str], key: str = "field"
+                  ) -> list[dict[str, bool]]:
+  """Per image, field name -> whether the generated value equals the reference value, as
+  text (`key` "field") or in what it says (`key` "content", `content`)."""
+  same = KEYS[key]
   out = []
   for record, caption in zip(records, captions, strict=True):
     names = [schema.text_of(n) for n in record["field_names"]]
     generated = field_values(caption, schema.text_of(record["family"]))
-    out.append({name: normalize(g) == normalize(schema.text_of(ref))
+    out.append({name: same(name, g) == same(name, schema.text_of(ref))
                 for name, g, ref in zip(names, generated, record["field_values"], strict=True)})
   return out
 
 
-def constant_matches(train_records: Sequence[dict], records: Sequence[dict]
-                     ) -> list[dict[str, bool]]:
+def constant_matches(train_records: Sequence[dict], records: Sequence[dict],
+                     key: str = "field") -> list[dict[str, bool]]:
   """`field_matches` of the constant captioner: for every (family, field), the value most
-  frequent (after `normalize`) in `train_records`, whatever the image. The reference a
+  frequent in `train_records` (as `key` reads it), whatever the image. The reference a
   captioner that reads no pixels reaches; ties go to the value first seen."""
+  same = KEYS[key]
   counts = collections.defaultdict(collections.Counter)
   for record in train_records:
     family = schema.text_of(record["family"])
     for name, value in zip(record["field_names"], record["field_values"], strict=True):
-      counts[family, schema.text_of(name)][normalize(schema.text_of(value))] += 1
-  best = {key: c.most_common(1)[0][0] for key, c in counts.items()}
+      name = schema.text_of(name)
+      counts[family, name][same(name, schema.text_of(value))] += 1
+  best = {k: c.most_common(1)[0][0] for k, c in counts.items()}
   out = []
   for record in records:
     family = schema.text_of(record["family"])
     out.append({schema.text_of(name): best.get((family, schema.text_of(name))) ==
-                normalize(schema.text_of(value))
+                same(schema.text_of(name), schema.text_of(value))
                 for name, value in zip(record["field_names"], record["field_values"],
                                        strict=True)})
   return out
 
 
-def field_accuracy(matches: Sequence[dict[str, bool]]) -> Iterator[tuple[str, float]]:
-  """`field_accuracy` over all fields and `field/<name>` per field name, with intervals."""
-  yield from stats.with_ci("field_accuracy", np.array([np.mean(list(m.values()))
-                                                       for m in matches]))
+def field_accuracy(matches: Sequence[dict[str, bool]], key: str = "field"
+                   ) -> Iterator[tuple[str, float]]:
+  """`<key>_accuracy` over all fields and `<key>/<name>` per field name, with intervals."""
+  yield from stats.with_ci(f"{key}_accuracy", np.array([np.mean(list(m.values()))
+                                                        for m in matches]))
   by_field = collections.defaultdict(list)
   for m in matches:
     for name, hit in m.items():
       by_field[name].append(float(hit))
   for name in sorted(by_field):
-    yield from stats.with_ci(f"field/{name}", np.array(by_field[name]))
+    yield from stats.with_ci(f"{key}/{name}", np.array(by_field[name]))
 
 
 def repeats(value: str, run: int = REPEAT_RUN, longest: int = REPEAT_NGRAM) -> bool:
@@ -200,6 +253,7 @@ class Evaluator:
     yield from caption_scores(references, generated)
     matches = field_matches(split.records, generated)
     yield from field_accuracy(matches)
+    yield from field_accuracy(field_matches(split.records, generated, "content"), "content")
     repeated = repetition(generated, split.texts("family"))
     if repeated.size:
       yield from stats.with_ci("repetition", repeated)

@@ -92,6 +92,9 @@ def test_learning_bench_on_the_smoke_run(smoke_run, tmp_path, capsys):
   assert len(lines) == len(learning_tasks.TASKS) + 1
   assert all("variant=smoke; step=10; commit=" in l and "; fit=held_out; " in l for l in lines)
   assert 0.0 <= cap["constant_mean"] <= 1.0 and set(cap["constant"]) == set(cap["fields"])
+  assert set(cap["content_fields"]) == set(cap["fields"])  # the same fields, read for content
+  assert 0.0 <= cap["content_observable_mean"] <= 1.0
+  assert set(cap["content_constant"]) == set(cap["fields"])
   assert os.path.exists(tmp_path / "out" / "learning.json")
 
 
