@@ -40,7 +40,9 @@ VOCAB = 32000  # the project's base vocabulary, on both sides
 # Configs (configs/pretrain.py fields only).
 # ---------------------------------------------------------------------------------------------
 def pair_config(vit: str = "ti", *, full: bool = False, batch: int = 16, vocab: int = VOCAB):
-  """configs/pretrain.py:base overridden to the side-by-side shapes, float32, no scan/remat.
+  """configs/pretrain.py:base overridden to the side-by-side shapes, float32, no scan/remat,
+  and open_clip's image vector (the CLS token, learned position embeddings), no clause
+  contrast.
 
   full=False: contrast only (match and reconstruct weights 0, `text.fusion_layers=0` and
   `decoder.depth=0`: no fusion blocks, no decoder, as open_clip).
@@ -58,7 +60,9 @@ def pair_config(vit: str = "ti", *, full: bool = False, batch: int = 16, vocab: 
                 mlp_dim=4 * t_width)
   if not full:
     m.text.fusion_layers = m.decoder.depth = 0
-  m.update(embed_dim=EMBED_DIM, dtype="float32", scan_layers=False, remat_policy="none")
+  m.update(embed_dim=EMBED_DIM, dtype="float32", scan_layers=False, remat_policy="none",
+           pool="cls", posemb="learned")
+  c.loss.clause_contrast_weight = 0.0
   c.batch_size = batch
   if not full:
     c.loss.update(match_weight=0.0, reconstruct_weight=0.0)
@@ -88,7 +92,8 @@ def variant_config(variant: str, **overrides):
 # ---------------------------------------------------------------------------------------------
 def synthetic_batch(config, seed: int = 0, batch: int | None = None) -> dict:
   """A batch as `klip.data.pipeline` makes it: images in [-1, 1], [ENC]-first token ids with
-  no padding, eight value spans of 3 tokens (clause ids 0-7), unit weights."""
+  no padding, eight value spans of 3 tokens (clause ids 0-7), unit weights; with clause
+  contrast on, `clause_tokens`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   m = config.model
   b = batch or config.batch_size
@@ -105,6 +110,8 @@ def synthetic_batch(config, seed: int = 0, batch: int | None = None) -> dict:
                                 ).astype(np.float32),
            "tokens": tokens, "clause": clause, "weight": np.ones(b, np.float32),
            "valid": np.ones(b, np.int32), "index": np.arange(b, dtype=np.int32)}
+  if config.loss.clause_contrast_weight:  # one clause alone: its first clause_max_len tokens
+    batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
   if config.loss.clause_negatives and config.loss.match_weight:  # one value span swapped
     swap = tokens.copy()
     swap[clause == 0] = rng.integers(6, m.text.vocab_size, int(np.sum(clause == 0)))

@@ -129,13 +129,22 @@ def full_step(config, batch: int | None = None, length: int | None = None) -> Co
   length = length or m.text.max_len
   w = config.loss
   c = contrast_step(m, batch, length)
+  t = m.text
+  if _get(w, "clause_contrast_weight", 0.0):  # each image against one clause alone
+    text_tower(c, m, batch, int(w.clause_max_len), 3.0, name="clause")
+    c.add("clause/heads", _linear(batch, t.width, m.embed_dim), 3.0)
+    c.add("clause/logits", _linear(batch, m.embed_dim, batch), 3.0)
   if w.match_weight:
     c.add("match/sim", _linear(batch, m.embed_dim, batch), 1.0)  # stop_gradient
     rows = 3 * batch
     if _get(w, "clause_negatives", False):  # the swapped captions' own text pass
-      t = m.text
-      for _ in range(t.depth - int(_get(t, "fusion_layers", t.depth))):
+      fused = int(_get(t, "fusion_layers", t.depth))
+      for _ in range(t.depth - fused):
         c.add("match/swap_text", block_flops(batch, length, t.width, t.mlp_dim), 3.0)
+      if _get(m, "match_cosine", False):  # their contrastive embeddings, for the cosine
+        for _ in range(fused):
+          c.add("match/swap_embed", block_flops(batch, length, t.width, t.mlp_dim), 3.0)
+        c.add("match/swap_embed", _linear(batch, t.width, m.embed_dim), 3.0)
       rows += batch
     text_tower(c, m, rows, length, 3.0, name="match", fused_only=True)
     c.add("match/head", _linear(rows, m.text.width, 2), 3.0)

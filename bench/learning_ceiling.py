@@ -118,7 +118,7 @@ def train_ceiling(run, mesh, rules, tasks: list[TaskData], budget_s: float,
 
   def loss_fn(params, images, tgt):
     vit = nnx.merge(vit_graph, params["vit"], vit_rest)
-    pooled = vit(images)[:, 0].astype(jnp.float32)
+    pooled = vit.pool(vit(images)).astype(jnp.float32)
     total = 0.0
     for k, t in tgt.items():
       head = params["heads"][k]

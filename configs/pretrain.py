@@ -31,7 +31,10 @@ def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels
   the image tokens, that the matching path runs per (image, text) pair (default all; 0: no
   fusion path); decoder.depth: blocks of the causal decoder (default the text tower's depth;
   width, heads and MLP are the text tower's); stem: "patch" (linear patch embedding) or "conv"
-  (stride-2 convolutions down to the patch grid, klip/model/vit.py); attention: "auto" (cuDNN's fused attention on NVIDIA
+  (stride-2 convolutions down to the patch grid, klip/model/vit.py); pool: the image vector of
+  the contrast and the probes, "cls" or "gap" (mean of the patch tokens); posemb: "learned" or
+  "sincos2d" (fixed); match_cosine: the pair's contrastive cosine, scaled, added to the match
+  logit (klip/model/two_tower.py); attention: "auto" (cuDNN's fused attention on NVIDIA
   GPUs in bfloat16/float16, else XLA's), "xla" or "cudnn" (klip/model/layers.py)."""
   width, depth, heads = vit
   t_width, t_depth, t_heads = text
@@ -42,7 +45,8 @@ def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels
                 mlp_dim=4 * t_width, pad_id=0,
                 fusion_layers=t_depth if fusion_layers is None else fusion_layers),
       decoder=dict(depth=t_depth if decoder_depth is None else decoder_depth),
-      stem="patch", embed_dim=embed_dim, temperature_init=0.07, dtype="float32",
+      stem="patch", pool="gap", posemb="sincos2d", match_cosine=True, embed_dim=embed_dim,
+      temperature_init=0.07, dtype="float32",
       scan_layers=False, remat_policy="none", attention="auto"))
 
 
@@ -71,7 +75,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # start. Fixed when a run starts and recorded in its checkpoints: a resume with a larger
   # total_steps extends the run past the schedule's end at its final learning rate.
   c.schedule_steps = 0
-  c.optim = dict(lr=1e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
+  c.optim = dict(lr=2e-3, warmup_steps=50, end_lr_fraction=0.01, b1=0.9, b2=0.98, eps=1e-6,
                  weight_decay=0.05, clip_norm=1.0)
   # Objectives and their weights (0 turns one off). contrast_type: "softmax" or "sigmoid";
   # momentum distillation with a feature queue replaces either when enabled. clause_negatives:
@@ -86,7 +90,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # forcing, BLIP's captioner) wrote fields right where 0.5 / 0.1 looped (bench/README.md).
   c.loss = dict(contrast_weight=1.0, match_weight=1.0, reconstruct_weight=1.0,
                 reconstruct_mask_p=0.0, reconstruct_random_p=0.0,
-                clause_contrast_weight=0.0, clause_max_len=48,
+                clause_contrast_weight=1.0, clause_max_len=48,
                 contrast_type="softmax", label_smoothing=0.1, clause_negatives=False,
                 momentum=dict(enabled=False, decay=0.995, queue_size=4096, alpha=0.4))
   # SCIO (method.md §3-4): after the warm-up (full captions), every `every_steps` steps a
@@ -131,14 +135,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.checkpoint.every_steps = 5
     c.log_every = 1
-  elif variant == "tiny":  # 2.8 GFLOP per example for the three objectives (XLA count)
-    c.model = _model(64, 8, (128, 4, 4), (128, 2, 4), vocab=2000, max_len=160, embed_dim=128)
-    c.batch_size = 32
+  elif variant == "tiny":  # the demo: about 12 minutes on 2 cores (bench/README.md, Learning)
+    c.model = _model(64, 8, (128, 4, 4), (128, 2, 4), vocab=2000, max_len=160, embed_dim=128,
+                     fusion_layers=1)
+    c.batch_size, c.total_steps = 64, 250
   elif variant == "small":  # about an hour on 2 cores; synthetic chips + MSTAR's train split
     c.data.dataset = "synthetic/n8000_s64_c2_seed0+mstar/depression17"
-    c.model = _model(64, 8, (192, 4, 3), (192, 2, 3), vocab=3000, max_len=176, embed_dim=128)
-    c.batch_size, c.total_steps = 48, 600
-    c.optim.update(lr=7e-4, warmup_steps=60)
+    c.model = _model(64, 8, (192, 4, 3), (192, 2, 3), vocab=3000, max_len=176, embed_dim=128,
+                     fusion_layers=1)
+    c.batch_size, c.total_steps = 64, 600
+    c.optim.update(warmup_steps=60)
     c.checkpoint.update(every_steps=100, keep=10)
     c.log_every = 20
   else:  # base / large: pod scale

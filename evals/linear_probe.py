@@ -1,11 +1,11 @@
 """Linear probe: multinomial logistic regression on frozen image features.
 
-Features: the `pooled` CLS token before projection, standardised with the training split's
-mean and standard deviation. Recipe: full-batch L-BFGS (scipy) from zero weights on the mean
-cross-entropy plus (l2 / 2) * |W|^2 (the bias is not penalised), at most `epochs` iterations;
-everything is deterministic, so a checkpoint always gets the same probe. The probe is trained on
-`train_split` and scored on `split`; a class of `split` unseen in training is never predicted, so
-its examples count as errors.
+Features: the `pooled` image vector before projection (`ViT.pool`), standardised with the
+training split's mean and standard deviation. Recipe: full-batch L-BFGS (scipy) from zero
+weights on the mean cross-entropy plus (l2 / 2) * |W|^2 (the bias is not penalised), at most
+`epochs` iterations; everything is deterministic, so a checkpoint always gets the same probe.
+The probe is trained on `train_split` and scored on `split`; a class of `split` unseen in
+training is never predicted, so its examples count as errors.
 """
 
 from __future__ import annotations

@@ -40,8 +40,10 @@ from klip.model import vit
 class ImageFeatures(NamedTuple):
   """Frozen image features of N images (host float32)."""
   embedding: np.ndarray  # [N, E] unit vectors in the shared image-text space
-  pooled: np.ndarray     # [N, W] the CLS token before projection (linear probe / k-NN)
+  pooled: np.ndarray     # [N, W] the image vector before projection (`ViT.pool`: the mean of
+                         # the patch tokens or the CLS token; linear probe / k-NN)
   patches: np.ndarray    # [N, gh, gw, W] patch tokens on the patch grid (dense heads)
+  cls: np.ndarray | None = None  # [N, W] the CLS token (the first of the ViT's tokens)
 
 
 @dataclasses.dataclass
@@ -134,10 +136,10 @@ class Predictor:
     return [pad(c) if m < self.batch_size else c for c in chunk], m
 
   def encode_images(self, images: np.ndarray) -> ImageFeatures:
-    """Embedding, pooled CLS and patch features of model inputs [N, S, S, C]."""
-    emb, pooled, patches = self._batched(inference_lib.features, images)
+    """Embedding, pooled, patch and CLS features of model inputs [N, S, S, C]."""
+    emb, pooled, patches, cls = self._batched(inference_lib.features, images)
     g = self.patch_grid
-    return ImageFeatures(emb, pooled, patches.reshape(patches.shape[0], g, g, -1))
+    return ImageFeatures(emb, pooled, patches.reshape(patches.shape[0], g, g, -1), cls)
 
   def split_features(self, split) -> ImageFeatures:
     """`encode_images` of an `evals.data.Split`'s records, computed once per split and kept
@@ -152,7 +154,7 @@ class Predictor:
     token and the patch tokens) so the image tower runs once per split."""
     f = self.split_features(split)
     patches = f.patches.reshape(f.patches.shape[0], -1, f.patches.shape[-1])
-    return np.concatenate([f.pooled[:, None], patches], axis=1)
+    return np.concatenate([f.cls[:, None], patches], axis=1)
 
   def image_tokens(self, images: np.ndarray) -> np.ndarray:
     """ViT tokens [N, 1 + P, W] (the image side of matching and generation)."""

@@ -49,9 +49,11 @@ def scoring_options(mesh: jax.sharding.Mesh) -> dict | None:
 # The predictions, as functions of (model, batch arrays): each output has the batch first.
 # ---------------------------------------------------------------------------------------------
 def features(model, images):
-  """(embedding [n, E], pooled CLS [n, W], patch tokens [n, P, W]) float32 of images."""
+  """(embedding [n, E], pooled tokens [n, W] (`ViT.pool`), patch tokens [n, P, W], CLS token
+  [n, W]) float32 of images."""
   zimg, tokens = predict.embed_images(model, images)
-  return zimg, tokens[:, 0].astype(jnp.float32), tokens[:, 1:].astype(jnp.float32)
+  tokens = tokens.astype(jnp.float32)
+  return zimg, model.image.pool(tokens), tokens[:, 1:], tokens[:, 0]
 
 
 def image_tokens(model, images):

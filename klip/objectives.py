@@ -85,11 +85,17 @@ def total(model, batch, rng, config, momentum=None):
     rows = jnp.arange(b)
     images = [image_tokens, image_tokens, image_tokens[neg_image]]
     texts = states.take(jnp.concatenate([rows, neg_text, rows]))
+    # the pairs' embeddings, for model.match_cosine (the batch's are at hand)
+    zimgs, ztxts = [zimg, zimg, zimg[neg_image]], [ztxt, ztxt[neg_text], ztxt]
     if cfg.clause_negatives:  # each image with its caption, one observable value swapped
       swap = model.text_states(batch["swap_tokens"])
       images.append(image_tokens)
       texts = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), texts, swap)
-    logits = model.match_logits_states(jnp.concatenate(images), texts)
+      zimgs.append(zimg)
+      ztxts.append(model.embed_text_states(swap) if model.match_cosine else ztxt)
+    cosine = (jnp.sum(jnp.concatenate(zimgs) * jnp.concatenate(ztxts), axis=-1)
+              if model.match_cosine else None)
+    logits = model.match_logits_states(jnp.concatenate(images), texts, cosine)
     swap_logits, has_swap = ((logits[3 * b:], batch["has_swap"]) if cfg.clause_negatives
                              else (None, None))
     match, m = losses.matching(logits[:b], logits[b:2 * b], logits[2 * b:3 * b], weights,

@@ -24,8 +24,9 @@ def schedule(config) -> optax.Schedule:
 
 
 # Decayed: the dense kernels and the token embedding (also the tied output layer). Everything
-# else is not: biases, LayerNorm scales, the temperature (`logit_scale`) and `logit_bias`, the
-# class token and position embeddings (left out as in timm's ViT and DeiT recipes).
+# else is not: biases, LayerNorm scales, the temperature (`logit_scale`), `logit_bias`, the
+# match logit's cosine scale (`itm_log_scale`), the class token and position embeddings (left
+# out as in timm's ViT and DeiT recipes).
 DECAYED = ("kernel", "embedding")
 
 

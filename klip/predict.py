@@ -58,8 +58,9 @@ def match_prob(model: Model, image_tokens: jax.Array, tokens: jax.Array) -> jax.
   return _match_prob(model, image_tokens, model.text_states(tokens))
 
 
-def _match_prob(model: Model, image_tokens: jax.Array, states) -> jax.Array:
-  return jax.nn.softmax(model.match_logits_states(image_tokens, states), axis=-1)[:, POSITIVE]
+def _match_prob(model: Model, image_tokens: jax.Array, states, cosine=None) -> jax.Array:
+  logits = model.match_logits_states(image_tokens, states, cosine)
+  return jax.nn.softmax(logits, axis=-1)[:, POSITIVE]
 
 
 def score(model: Model, zimg: jax.Array, image_tokens: jax.Array, tokens: jax.Array) -> Scores:
@@ -67,7 +68,7 @@ def score(model: Model, zimg: jax.Array, image_tokens: jax.Array, tokens: jax.Ar
   tower's text-only blocks run once for both)."""
   states = model.text_states(tokens)
   cosine = jnp.sum(zimg * model.embed_text_states(states), axis=-1)
-  return Scores(cosine=cosine, match=_match_prob(model, image_tokens, states))
+  return Scores(cosine=cosine, match=_match_prob(model, image_tokens, states, cosine))
 
 
 def text_logprob(model: Model, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -51,6 +51,9 @@ _ADDED = (
     ("model.decoder", lambda c: {"depth": c["model"]["text"]["depth"]}),
     ("model.attention", lambda c: "auto"),
     ("model.stem", lambda c: "patch"),
+    ("model.pool", lambda c: "cls"),
+    ("model.posemb", lambda c: "learned"),
+    ("model.match_cosine", lambda c: False),
     ("scio.fill_candidates", lambda c: 0),
     # before per-field calibration every field used the absolute margins: no field calibrates
     ("scio.false_flag_rate", lambda c: 0.02),

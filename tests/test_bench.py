@@ -52,6 +52,7 @@ def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
                                                 "model.decoder.depth": 1,
                                                 "loss.clause_negatives": True},
                "contrast": {"loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
+                            "loss.clause_contrast_weight": 0.0,
                             "model.text.fusion_layers": 0, "model.decoder.depth": 0}}[objectives]
   config = smoke_config(data_dir, **overrides)
   step = common.ProjectStep(config, devices=jax.devices()[:1])

@@ -33,15 +33,16 @@ def test_max_len_holds_whole_captions(variant, captions, tmp_path):
 
 
 def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
-  """Runs recorded before fusion_layers, decoder, attention, stem, fill_candidates and
-  keep_period existed read with the values they ran with, so model and SCIO code read every
-  field directly (a misspelt one fails where it is read)."""
+  """Runs recorded before fusion_layers, decoder, attention, stem, pool, posemb, match_cosine,
+  fill_candidates and keep_period existed read with the values they ran with, so model and SCIO
+  code read every field directly (a misspelt one fails where it is read)."""
   import json  # pylint: disable=g-import-not-at-top
   from klip import provenance  # pylint: disable=g-import-not-at-top
   today = json.loads(pretrain.get_config("smoke").to_json())
   old = json.loads(json.dumps(today))
   del old["model"]["text"]["fusion_layers"], old["model"]["decoder"]
   del old["model"]["attention"], old["model"]["stem"]
+  del old["model"]["pool"], old["model"]["posemb"], old["model"]["match_cosine"]
   del old["scio"]["fill_candidates"], old["checkpoint"]["keep_period"]
   del old["scio"]["false_flag_rate"], old["scio"]["calibration_min_rows"]
   del old["loss"]["reconstruct_mask_p"], old["loss"]["reconstruct_random_p"]
@@ -52,8 +53,12 @@ def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
   assert (read.loss.reconstruct_mask_p, read.loss.reconstruct_random_p) == (0.5, 0.1)
   assert read.model.text.fusion_layers == read.model.decoder.depth == old["model"]["text"]["depth"]
   assert (read.model.attention, read.model.stem) == ("auto", "patch")
+  # the image vector, position embeddings and match logit those runs had
+  assert (read.model.pool, read.model.posemb, read.model.match_cosine) == ("cls", "learned",
+                                                                           False)
   assert read.scio.fill_candidates == 0 and read.checkpoint.keep_period == 0
-  assert json.loads(read.model.to_json()) == today["model"]  # smoke's model is the defaults'
+  ran_with = dict(today["model"], pool="cls", posemb="learned", match_cosine=False)
+  assert json.loads(read.model.to_json()) == ran_with  # smoke's model is the defaults'
   with pytest.raises(AttributeError):
     read.model.stme  # pylint: disable=pointless-statement
   with pytest.raises(FileNotFoundError, match="not a KLIP training workdir"):

@@ -263,3 +263,17 @@ def test_evaluators_on_mstar(smoke_predictor, eval_datasets, data_dir, tmp_path)
   config = eval_config(data_dir)
   for name in ("zeroshot_mstar", "probe_mstar", "knn_mstar"):
     check_entry(smoke_predictor, eval_datasets, config, name, tmp_path)
+
+
+def test_split_features_rebuild_the_vit_tokens(smoke_predictor, eval_datasets):
+  """The matching and VQA evaluators take a split's ViT tokens rebuilt from its cached
+  features: the CLS token first, then the patch tokens, whatever the pooled vector is (the
+  smoke model pools by the patch tokens' mean)."""
+  split = eval_datasets.split("synthetic", "test", max_examples=6)
+  f = smoke_predictor.split_features(split)
+  direct = smoke_predictor.image_tokens(smoke_predictor.images(split.records))
+  np.testing.assert_allclose(smoke_predictor.split_image_tokens(split), direct, rtol=1e-5,
+                             atol=1e-5)
+  assert smoke_predictor.config.model.pool == "gap"
+  np.testing.assert_allclose(f.pooled, direct[:, 1:].mean(axis=1), rtol=1e-4, atol=1e-5)
+  assert not np.allclose(f.pooled, f.cls)

@@ -168,8 +168,8 @@ def test_resume_with_another_model_changes_nothing(smoke_run, data_dir, tmp_path
   workdir = _copy(smoke_run, tmp_path)
   before = _snapshot(workdir)
   with pytest.raises(checkpoint_lib.CheckpointMismatch,
-                     match=r"step 10 .* saved by another model \(.*posemb"):
-    train.train(smoke_config(data_dir, total_steps=12, **{"model.image_size": 64}), workdir)
+                     match=r"step 10 .* saved by another model \(.*fc1"):
+    train.train(smoke_config(data_dir, total_steps=12, **{"model.vit.mlp_dim": 96}), workdir)
   assert _snapshot(workdir) == before
 
 

@@ -46,9 +46,10 @@ def test_sharded_predictions_equal_the_plain_functions(config, dims):
   assert cosine.shape == match.shape == (16, 3)
   np.testing.assert_allclose(cosine, want[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(match, want[1], rtol=1e-5, atol=1e-5)
-  emb, pooled, patches = harness(inference.features, state, images, all_rows=True)
+  got = harness(inference.features, state, images, all_rows=True)
   want = inference.features(model, images)
-  for got, w in zip((emb, pooled, patches), want):
+  assert len(got) == len(want) == 4  # embedding, pooled, patch tokens, CLS token
+  for got, w in zip(got, want):
     np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
   # one jit per (function, ranks, mode): a second call of the same shapes compiles nothing
   assert harness.jitted(inference.variant_scores, 4, 3) is \

@@ -213,6 +213,7 @@ def _batch(config, n=6, seed=0):
   return {"image": rng.normal(size=(n, m.image_size, m.image_size, m.channels)).astype(
               np.float32),
           "tokens": tokens, "clause": np.full_like(tokens, -1),
+          "clause_tokens": tokens[:, :8].copy(),  # one clause alone (clause contrast)
           "weight": np.ones((n,), np.float32)}
 
 

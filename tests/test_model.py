@@ -10,7 +10,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 from klip import sharding
-from klip.model import dense, layers
+from klip.model import dense, layers, vit
 from klip.model.two_tower import Model, count_params
 from klip.model.vit import interpolate_posemb
 
@@ -23,7 +23,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       vit=dict(width=32, depth=2, heads=4, mlp_dim=64),
       text=dict(vocab_size=50, max_len=12, width=32, depth=2, heads=4, mlp_dim=64, pad_id=0,
                 fusion_layers=2),
-      decoder=dict(depth=2), stem="patch", attention="auto",
+      decoder=dict(depth=2), stem="patch", pool="cls", posemb="learned", match_cosine=False,
+      attention="auto",
       embed_dim=16, temperature_init=0.07, dtype="float32",
       scan_layers=False, remat_policy="none"))
   config.update(overrides)
@@ -36,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
       vit=dict(width=768, depth=12, heads=12, mlp_dim=3072),
       text=dict(vocab_size=32000, max_len=128, width=768, depth=12, heads=12, mlp_dim=3072,
                 pad_id=0, fusion_layers=12),
-      decoder=dict(depth=12), stem="patch", attention="auto",
+      decoder=dict(depth=12), stem="patch", pool="cls", posemb="learned", match_cosine=False,
+      attention="auto",
       embed_dim=256, temperature_init=0.07, dtype="bfloat16",
       scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"))
 
@@ -497,3 +499,53 @@ def test_conv_stem_needs_a_power_of_two_patch_and_a_known_stem():
     Model(tiny_config(image_size=24, patch_size=12, stem="conv"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="model.stem"):
     Model(tiny_config(stem="pixels"), rngs=nnx.Rngs(0))
+
+
+def test_gap_pooling_and_sincos_position_embeddings():
+  """model.pool = "gap" embeds the mean of the patch tokens (the CLS token is left out);
+  model.posemb = "sincos2d" adds fixed 2-D sine-cosine embeddings and has no parameter."""
+  config = tiny_config(pool="gap", posemb="sincos2d")
+  model = Model(config, rngs=nnx.Rngs(0))
+  images, _ = inputs(config)
+  tokens = model.encode_image(images)
+  np.testing.assert_allclose(model.image.pool(tokens), tokens[:, 1:].mean(axis=1), rtol=1e-6)
+  expected = model.image_proj(tokens[:, 1:].mean(axis=1))
+  expected = expected / jnp.linalg.norm(expected, axis=-1, keepdims=True)
+  np.testing.assert_allclose(model.embed_images(images), expected, rtol=1e-5, atol=1e-6)
+  names = {"/".join(map(str, p)) for p, _ in params_flat(model)}
+  assert "image/posemb" not in names and "image/cls" in names
+  learned = Model(tiny_config(), rngs=nnx.Rngs(0))
+  assert count_params(learned) - count_params(model) == 4 * config.vit.width  # 2x2 grid
+  table = vit.sincos2d(4, 8)
+  assert table.shape == (16, 8)
+  np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)  # row 0, column 0
+  assert len({tuple(r) for r in np.round(table, 5)}) == 16  # every position its own code
+  with pytest.raises(ValueError, match="model.pool"):
+    Model(tiny_config(pool="max"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="model.posemb"):
+    Model(tiny_config(posemb="rope"), rngs=nnx.Rngs(0))
+
+
+def test_match_cosine_adds_the_scaled_contrastive_cosine_to_the_match_logit():
+  """model.match_cosine: the match logit is the fused head's plus exp(itm_log_scale) times
+  the pair's cosine, given by the caller or computed from the image tokens and text states;
+  the no-match logit is the head's alone."""
+  config = tiny_config(match_cosine=True)
+  model = Model(config, rngs=nnx.Rngs(0))
+  plain = Model(tiny_config(), rngs=nnx.Rngs(0))
+  images, tokens = inputs(config, batch=3)
+  image_tokens = model.encode_image(images)
+  states = model.text_states(tokens)
+  cosine = jnp.sum(model.embed_images(images) * model.embed_texts(tokens), axis=-1)
+  with_cos = model.match_logits_states(image_tokens, states, cosine)
+  np.testing.assert_allclose(model.match_logits_states(image_tokens, states), with_cos,
+                             rtol=1e-5, atol=1e-5)
+  head = plain.match_logits_states(image_tokens, states)  # same initialisation, no cosine
+  scale = np.exp(float(model.itm_log_scale[...]))
+  np.testing.assert_allclose(scale, 1 / config.temperature_init, rtol=1e-5)
+  np.testing.assert_allclose(with_cos[:, 0], head[:, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(with_cos[:, 1], head[:, 1] + scale * cosine, rtol=1e-5, atol=1e-5)
+  # a pair whose cosine is higher gets the higher match logit, other things equal
+  shifted = model.match_logits_states(image_tokens, states, cosine + 0.5)
+  assert np.all(np.asarray(shifted[:, 1] - with_cos[:, 1]) > 0)
+  assert plain.itm_log_scale is None

@@ -12,7 +12,8 @@ from configs import pretrain
 from klip import optim
 from klip.model.two_tower import Model
 
-NOT_DECAYED = ("bias", "scale", "logit_scale", "logit_bias", "posemb", "cls", "cls_posemb")
+NOT_DECAYED = ("bias", "scale", "logit_scale", "logit_bias", "itm_log_scale", "posemb", "cls",
+               "cls_posemb")
 
 
 def _config(scan: bool):

@@ -41,6 +41,8 @@ def _random_batch(config, n=8, seed=0):
     swap = tokens.copy()
     swap[:, 5:8] = rng.integers(6, m.text.vocab_size, (n, 3))
     batch.update(swap_tokens=swap, has_swap=(np.arange(n) % 4 != 0).astype(np.int32))
+  if config.loss.clause_contrast_weight:  # one clause alone (its first tokens)
+    batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
   return batch
 
 
@@ -271,10 +273,19 @@ def test_checkpoint_restores_onto_another_mesh(smoke_run, data_dir):
 
 def test_init_from_another_run_copies_and_resizes(smoke_run, data_dir, tmp_path, capsys):
   from klip import init_from  # pylint: disable=g-import-not-at-top
-  workdir, _ = smoke_run
-  # a 64 px model: the 4x4 position-embedding grid becomes 8x8, everything else is copied
+  # a 64 px model from the 32 px smoke run: its sine-cosine position embeddings are no
+  # parameter, so every parameter is copied as it is
   config = smoke_config(data_dir, **{"model.image_size": 64})
   mesh = sharding.make_mesh(config.mesh)
+  _, state, shardings = train_state.create(config, mesh, config.sharding_rules)
+  init_from.load(state, shardings, smoke_run[0], config.model)
+  out = capsys.readouterr().out
+  assert "resized none" in out and "0 left at init" in out
+  # learned position embeddings: the 4x4 grid becomes 8x8, everything else is copied
+  workdir = str(tmp_path / "learned")
+  train.train(smoke_config(data_dir, total_steps=2, **{"model.posemb": "learned"}), workdir)
+  capsys.readouterr()
+  config = smoke_config(data_dir, **{"model.image_size": 64, "model.posemb": "learned"})
   _, state, shardings = train_state.create(config, mesh, config.sharding_rules)
   fresh_posemb = np.asarray(state["model"]["image"]["posemb"][...])
   state = init_from.load(state, shardings, workdir, config.model)
@@ -298,6 +309,25 @@ def test_clause_negatives_train_and_log_their_accuracy(data_dir, tmp_path):
   assert summary["steps"] == 4 and np.isfinite(summary["final"]["loss"])
   assert all(0.0 <= r["match/swap_accuracy"] <= 1.0 for r in rows)
   # the rescoring pass reads its images without the training-only swaps
+  passes = [r for r in rows if "scio/rescored" in r]
+  assert passes and all(r["scio/rescored"] == 16 for r in passes)
+
+
+def test_learning_levers_train_and_scio_reads_every_pair(data_dir, tmp_path):
+  """GAP pooling, sine-cosine position embeddings, the cosine in the match logit and clause
+  contrast train together, and the SCIO pass still reads every pair of its slice (with clause
+  contrast on, its evaluation preprocessing once drew clauses without a random generator and
+  skipped every record: 0 pairs rescored)."""
+  config = smoke_config(data_dir, total_steps=4, **{
+      "model.pool": "gap", "model.posemb": "sincos2d", "model.match_cosine": True,
+      "model.text.fusion_layers": 1, "loss.clause_contrast_weight": 1.0,
+      "scio.enabled": True, "scio.every_steps": 2, "scio.slice_size": 16,
+      "scio.batch_size": 8, "scio.warmup_fraction": 0.25})
+  summary = train.train(config, str(tmp_path / "w"))
+  rows = metrics_writer.read(os.path.join(str(tmp_path / "w"), "metrics.jsonl"))
+  assert summary["steps"] == 4 and np.isfinite(summary["final"]["loss"])
+  assert all(np.isfinite(r["clause_contrast/loss"]) and np.isfinite(r["match/loss"])
+             for r in rows)
   passes = [r for r in rows if "scio/rescored" in r]
   assert passes and all(r["scio/rescored"] == 16 for r in passes)
 

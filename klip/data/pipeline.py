@@ -92,6 +92,8 @@ class Preprocess(grain.transforms.RandomMap):
   def __post_init__(self):
     if self.negatives is not None and not self.train:
       raise ValueError("clause negatives are drawn at random: they need train=True")
+    if self.clause_len and not self.train:
+      raise ValueError("clause tokens are drawn at random: they need train=True")
 
   def random_map(self, element, rng: np.random.Generator):
     index, record = element

@@ -60,6 +60,12 @@ class Model(nnx.Module):
                                dot_general=dense.dot_general,
                                kernel_init=param(DENSE_INIT, ("embed", None)),
                                bias_init=param(ZEROS, (None,))) if self.text.fusion else None
+    # match_cosine: the pair's contrastive cosine, times a learned scale (log-parametrised,
+    # starting at the temperature's), is added to the "match" logit of the fused head.
+    self.match_cosine = bool(config.match_cosine) and self.itm_head is not None
+    self.itm_log_scale = nnx.Param(
+        param(nnx.initializers.constant(init_scale), ())(rngs.params(), ())
+    ) if self.match_cosine else None
     self.decoder = TextDecoder(config, rngs=rngs) if decoder_depth(config) else None
 
   def encode_image(self, images: jax.Array) -> jax.Array:
@@ -71,11 +77,12 @@ class Model(nnx.Module):
     return self.text(tokens)
 
   def image_embedding(self, image_tokens: jax.Array) -> jax.Array:
-    """Unit-norm float32 image embeddings [B, embed_dim] from ViT tokens (the CLS token)."""
-    return l2_normalize(self.image_proj(image_tokens[:, 0].astype(jnp.float32)))
+    """Unit-norm float32 image embeddings [B, embed_dim] from ViT tokens (pooled as
+    `model.pool` says: the CLS token or the patch tokens' mean)."""
+    return l2_normalize(self.image_proj(self.image.pool(image_tokens).astype(jnp.float32)))
 
   def embed_images(self, images: jax.Array) -> jax.Array:
-    """Unit-norm float32 image embeddings [B, embed_dim] from the CLS token."""
+    """Unit-norm float32 image embeddings [B, embed_dim] of images [B, H, W, C]."""
     return self.image_embedding(self.encode_image(images))
 
   def embed_texts(self, tokens: jax.Array) -> jax.Array:
@@ -96,15 +103,31 @@ class Model(nnx.Module):
     return jnp.exp(jnp.clip(self.logit_scale[...], 0.0, math.log(MAX_SCALE)))
 
   def match_logits(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
-    """ITM logits [B, 2] float32 (index POSITIVE: match) from the fused [ENC] token."""
+    """ITM logits [B, 2] float32 (index POSITIVE: match) from the fused [ENC] token (and, with
+    `model.match_cosine`, the pair's contrastive cosine)."""
     return self.match_logits_states(image_tokens, self.text.lower(tokens))
 
-  def match_logits_states(self, image_tokens: jax.Array, states: TextStates) -> jax.Array:
-    """`match_logits` from `text_states`: only the fusion blocks run."""
+  def match_logits_states(self, image_tokens: jax.Array, states: TextStates,
+                          cosine: jax.Array | None = None) -> jax.Array:
+    """`match_logits` from `text_states`: only the fusion blocks run. `cosine` [B]: the pairs'
+    contrastive cosines where the caller has them (with `model.match_cosine`; computed here
+    otherwise, one more pass of the text tower's upper blocks without the image).
+
+    With `model.match_cosine` the match logit is the fused head's plus scale * cosine: a model
+    whose contrast already tells a caption from another starts its matching there, and the
+    fusion blocks learn what the cosine misses (from scratch, the fused head alone stayed at
+    its prior for the first ~600 steps of `tiny`, bench/README.md)."""
     if self.itm_head is None:
       raise ValueError("text.fusion_layers is 0: the model has no fusion path")
     fused = self.text.upper(states, image_tokens)[:, 0].astype(jnp.float32)
-    return self.itm_head(fused)
+    logits = self.itm_head(fused)
+    if not self.match_cosine:
+      return logits
+    if cosine is None:
+      cosine = jnp.sum(self.image_embedding(image_tokens) * self.embed_text_states(states),
+                       axis=-1)
+    rise = jnp.exp(self.itm_log_scale[...]) * cosine.astype(jnp.float32)
+    return logits.at[:, POSITIVE].add(rise)
 
   def decode_states(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
     """Causal decoder hidden states [B, L, width] over `tokens` (which start with [DEC]).

@@ -1,4 +1,9 @@
-"""ViT image tower: a patch stem, CLS token, Encoder.
+"""ViT image tower: a patch stem, position embeddings, CLS token, Encoder; `pool` gives the
+image's one vector (the CLS token, or the mean of the patch tokens: `model.pool` "gap").
+
+Position embeddings (`model.posemb`): "learned" (a parameter per patch, ViT) or "sincos2d"
+(fixed 2-D sine-cosine, no parameter; MoCo v3 and big_vision's plain ViT baselines, which
+with global average pooling train faster from scratch on little data, Beyer et al. 2022).
 
 Two stems (`model.stem`) turn the image into one token per patch:
 - "patch": patchify by reshape and one linear embedding (ViT);
@@ -21,6 +26,8 @@ from klip.model.layers import DENSE_INIT, ZEROS, Encoder, layer_norm, param
 POSEMB_INIT = nnx.initializers.normal(stddev=0.02)
 CONV_INIT = nnx.initializers.he_normal()
 STEMS = ("patch", "conv")
+POOLS = ("cls", "gap")
+POSEMBS = ("learned", "sincos2d")
 
 
 def patch_grid(config) -> int:
@@ -37,6 +44,19 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
   x = images.reshape(b, h // patch, patch, w // patch, patch, c)
   x = x.transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def sincos2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embeddings [grid**2, width] in row-major patch order
+  (MoCo v3; big_vision's `posemb_sincos_2d`): a quarter of the channels each for sin and cos
+  of the row and of the column at geometric frequencies."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+  y, x = np.mgrid[:grid, :grid]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
 def interpolate_posemb(posemb: np.ndarray | jax.Array, old_grid: int,
@@ -113,8 +133,15 @@ class ViT(nnx.Module):
     self.cls = nnx.Param(param(ZEROS, (None, "embed"))(rngs.params(), (1, vit.width)))
     self.cls_posemb = nnx.Param(
         param(POSEMB_INIT, (None, "embed"))(rngs.params(), (1, vit.width)))
-    self.posemb = nnx.Param(
-        param(POSEMB_INIT, ("length", "embed"))(rngs.params(), (self.grid ** 2, vit.width)))
+    self.pool_type = config.pool
+    if self.pool_type not in POOLS:
+      raise ValueError(f"model.pool must be one of {POOLS}, got {self.pool_type!r}")
+    self.posemb_type = config.posemb
+    if self.posemb_type not in POSEMBS:
+      raise ValueError(f"model.posemb must be one of {POSEMBS}, got {self.posemb_type!r}")
+    if self.posemb_type == "learned":
+      self.posemb = nnx.Param(
+          param(POSEMB_INIT, ("length", "embed"))(rngs.params(), (self.grid ** 2, vit.width)))
     self.encoder = Encoder(vit.depth, vit.width, vit.heads, vit.mlp_dim,
                            scan=config.scan_layers, remat_policy=config.remat_policy,
                            dtype=self.dtype, attention=config.attention,
@@ -131,8 +158,15 @@ class ViT(nnx.Module):
       x = self.conv_stem(images)
     else:
       x = self.patch_embed(patchify(images, self.patch_size))
-    x = x + self.posemb[...].astype(self.dtype)
+    posemb = (self.posemb[...] if self.posemb_type == "learned"
+              else sincos2d(self.grid, x.shape[-1]))  # sincos2d: a constant, not a parameter
+    x = x + jnp.asarray(posemb).astype(self.dtype)
     cls = (self.cls[...] + self.cls_posemb[...]).astype(self.dtype)
     cls = jnp.broadcast_to(cls[None], (x.shape[0], 1, x.shape[-1]))
     x = self.encoder(jnp.concatenate([cls, x], axis=1))
     return self.norm(x)
+
+  def pool(self, tokens: jax.Array) -> jax.Array:
+    """The image's one vector [B, width] from its tokens [B, 1 + N, width] (`__call__`): the
+    CLS token ("cls") or the mean of the patch tokens ("gap", global average pooling)."""
+    return tokens[:, 0] if self.pool_type == "cls" else jnp.mean(tokens[:, 1:], axis=1)

@@ -44,7 +44,8 @@ class Controller:
     self._max_len = config.model.text.max_len
     self._source = source
     self._tokenizer = tokenizer
-    self._preprocess = dataclasses.replace(preprocess, train=False, table=None, negatives=None)
+    self._preprocess = dataclasses.replace(preprocess, train=False, table=None, negatives=None,
+                                           clause_len=0)
     self.enabled = bool(self._cfg.enabled)
     self.pass_seconds = 0.0
     self._pool = None  # values.ValuePool, counted at the first reconstruct pass that needs it
