@@ -9,6 +9,8 @@ from scipy import ndimage
 from klip.data import chip as chip_lib
 from klip.data import knowledge
 from klip.data import simulator
+from klip.data import simulator_scene
+from klip.data import simulator_targets
 from klip.hcot import consistency
 from klip.hcot import generator
 
@@ -104,10 +106,10 @@ def test_physics(chips):
   water, urban, co, cross = [], [], [], []
   for c in chips:
     pols = c.imaging.polarisations
-    if not simulator.is_cross_pol(pols[0]):
+    if not simulator_scene.is_cross_pol(pols[0]):
       water.extend(c.image_db[..., 0][c.landcover == WATER].tolist())
       urban.extend(c.image_db[..., 0][c.landcover == URBAN].tolist())
-    if simulator.is_cross_pol(pols[1]):
+    if simulator_scene.is_cross_pol(pols[1]):
       co.append(c.image_db[..., 0].mean())
       cross.append(c.image_db[..., 1].mean())
   assert np.mean(water) + 10 < np.mean(urban)
@@ -121,15 +123,15 @@ def test_no_unresolvable_targets():
       assert all(inst.category != "vehicle" for inst in c.instances)
     for inst in c.instances:
       x0, y0, x1, y1 = inst.box
-      assert max(x1 - x0, y1 - y0) >= simulator.MIN_TARGET_PX
-  assert simulator.length_range_m("vehicle", 10.0, 64) is None
-  assert simulator.length_range_m("vehicle", 3.0, 64) == (12.0, 12.0)
+      assert max(x1 - x0, y1 - y0) >= simulator_targets.MIN_TARGET_PX
+  assert simulator_targets.length_range_m("vehicle", 10.0, 64) is None
+  assert simulator_targets.length_range_m("vehicle", 3.0, 64) == (12.0, 12.0)
 
 
-def _scr_db(t: simulator.TargetTrace) -> float:
-  """The visibility rule of `simulator.scr_db`, written out again from its definition."""
+def _scr_db(t: simulator_targets.TargetTrace) -> float:
+  """The visibility rule of `simulator_targets.scr_db`, written out again from its definition."""
   y0, y1, x0, x1 = t.window
-  floor = t.clutter + 10.0 ** (simulator.NESZ_DB / 10.0)
+  floor = t.clutter + 10.0 ** (simulator_scene.NESZ_DB / 10.0)
   w = t.cover / t.cover.sum()
   under = np.array([(ch[y0:y1, x0:x1] * w).sum() for ch in floor])
   signal = under + (t.added * w).sum()
@@ -137,7 +139,7 @@ def _scr_db(t: simulator.TargetTrace) -> float:
   bx1, by1 = np.ceil(t.instance.box[2:]).astype(int)
   yy, xx = np.mgrid[0:floor.shape[1], 0:floor.shape[2]]
   gap = np.maximum(np.maximum(bx0 - xx, xx - (bx1 - 1)), np.maximum(by0 - yy, yy - (by1 - 1)))
-  ring = (gap >= 1) & (gap <= simulator.SCR_RING_PX)
+  ring = (gap >= 1) & (gap <= simulator_targets.SCR_RING_PX)
   around = np.array([np.median(ch[ring]) for ch in floor])
   return float(np.min(10.0 * np.log10(signal / np.maximum(under, around))))
 
@@ -155,12 +157,12 @@ def test_reported_targets_are_large_and_bright_enough():
     for t in trace:
       seen.add(t.instance.category)
       x0, y0, x1, y1 = t.instance.box
-      assert max(x1 - x0, y1 - y0) >= simulator.MIN_TARGET_PX
-      assert t.cover.sum() >= simulator.MIN_TARGET_AREA_PX
+      assert max(x1 - x0, y1 - y0) >= simulator_targets.MIN_TARGET_PX
+      assert t.cover.sum() >= simulator_targets.MIN_TARGET_AREA_PX
       scr = _scr_db(t)
-      assert scr >= simulator.MIN_SCR_DB, (c.id, t.instance)
-      assert scr == pytest.approx(simulator.scr_db(t.clutter, t.window, t.cover, t.added,
-                                                   t.instance.box))
+      assert scr >= simulator_targets.MIN_SCR_DB, (c.id, t.instance)
+      assert scr == pytest.approx(simulator_targets.scr_db(t.clutter, t.window, t.cover,
+                                                           t.added, t.instance.box))
       # The raster lies within the box (pixel coverage of a rotated part may spill a fraction of
       # a pixel past its corners): the box is what the pixels show, no more.
       wy0, wy1, wx0, wx1 = t.window
@@ -248,7 +250,7 @@ def box_scores(chips, false_alarm: float = 0.05) -> float:
   for c in chips:
     intensity = 10.0 ** (c.image_db.astype(np.float64) / 10.0)
     h, w = intensity.shape[:2]
-    boxes = [simulator.box_pixels(i.box, w) for i in c.instances]
+    boxes = [simulator_targets.box_pixels(i.box, w) for i in c.instances]
     taken = np.zeros((h, w), dtype=bool)
     for x0, y0, x1, y1 in boxes:
       taken[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = True

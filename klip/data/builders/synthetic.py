@@ -19,7 +19,7 @@ from klip.data import simulator
 from klip.data import splits
 
 VERSION = "1.3.0"  # 1.1.0: instance subtypes and attributes; 1.2.0: HCoT text;
-# 1.3.0: only visible targets placed and reported (simulator.MIN_SCR_DB, MIN_TARGET_PX)
+# 1.3.0: only visible targets placed and reported (simulator_targets.MIN_SCR_DB, MIN_TARGET_PX)
 
 
 @dataclasses.dataclass
