@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
       channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,
       db_max=d.db_max, train=False, gain_db=d.gain_db)
   t = time.perf_counter()
-  table = table_lib.PairTable.initial(f"{d.dataset}:{d.split}", table_lib.read_ids(source))
+  table = table_lib.PairTable.initial(f"{d.dataset}:{d.split}", table_lib.read_id_hashes(source))
   log(f"pair table of {len(table)} rows read in {time.perf_counter() - t:.1f} s")
   max_len = config.model.text.max_len
 

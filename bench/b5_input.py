@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
   log(f"B5 input pipeline, tiny ({d.dataset}); {common.machine()}; {common.versions()}")
   source = train._source(d)  # pylint: disable=protected-access
   tok = b3_scio.tokenizer(config, args.workdir, source)
-  table = table_lib.PairTable.initial(f"{d.dataset}:{d.split}", table_lib.read_ids(source))
+  table = table_lib.PairTable.initial(f"{d.dataset}:{d.split}", table_lib.read_id_hashes(source))
   preprocess = pipeline.Preprocess(
       tokenizer_path=tok.path, image_size=config.model.image_size,
       channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,

@@ -123,9 +123,9 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
     results[name] = (config, run_dir, summary)
   config, run_dir, summary = results["scio"]
   ckpt = checkpoint_lib.Checkpointer(run_dir, keep=1, async_save=False)
-  saved = ckpt.restore_table(ckpt.latest_step())
+  saved = table_lib.Tables.from_parts(*ckpt.restore_table(ckpt.latest_step()))
   ckpt.close()
-  final = table_lib.PairTable.from_json(saved["pending"] or saved["active"])
+  final = saved.pending if saved.pending is not None else saved.active
   counts = quality.screening(final, initial, texts, planted)
   rows = [r for r in metrics_writer.read(os.path.join(run_dir, "metrics.jsonl"))
           if "scio/pass_seconds" in r]

@@ -57,7 +57,7 @@ def plant(texts, ids, dataset: str, rate: float, seed: int):
     for k, name in enumerate(st.field_names):
       pool.setdefault((st.family, name), set()).add(st.values[k])
   pool = {key: sorted(v) for key, v in pool.items()}
-  table = table_lib.PairTable.initial(dataset, ids)
+  table = table_lib.PairTable.initial(dataset, [table_lib.id_hash(i) for i in ids])
   planted = {}
   for i, st in enumerate(texts):
     for k, name in enumerate(st.field_names):

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from klip import distributed
 from klip import paths
@@ -52,9 +53,19 @@ def abstract_pure(state, shardings):
                       pure_state, pure_shardings)
 
 
+def _row_sharded(x: np.ndarray) -> jax.Array:
+  """x as a global array split by rows over every device of the run (rows padded with zeros to
+  a multiple of the device count): each process writes only its devices' rows."""
+  devices = jax.devices()
+  x = np.concatenate([x, np.zeros(((-len(x)) % len(devices), *x.shape[1:]), x.dtype)])
+  sharding = NamedSharding(Mesh(np.array(devices), ("rows",)), PartitionSpec("rows"))
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 class Checkpointer:
   """A CheckpointManager over DIR/checkpoints with items 'state', 'data' and, for SCIO runs,
-  'scio' (the pair tables, JSON)."""
+  'scio' (the pair tables' JSON part) and 'scio_rows' (their columns, sharded by rows:
+  `klip/scio/table.py`)."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool, keep_period: int = 0):
     """keep: the newest steps kept; keep_period: steps divisible by it are never deleted (the
@@ -65,7 +76,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
                                              create=True, enable_async_checkpointing=async_save),
-        item_names=("state", "data", "scio"))
+        item_names=("state", "data", "scio", "scio_rows"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -73,12 +84,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data: dict, table: dict | None = None) -> None:
-    """Saves state and data position, and the SCIO tables (JSON-compatible) if given."""
+  def save(self, step: int, state, data: dict, tables=None) -> None:
+    """Saves state and data position, and the SCIO tables if given (`table.Tables`: its JSON
+    part as is, its columns as arrays sharded by rows)."""
     items = {"state": ocp.args.StandardSave(nnx.to_pure_dict(state)),
              "data": ocp.args.JsonSave(data)}
-    if table is not None:
-      items["scio"] = ocp.args.JsonSave(table)
+    if tables is not None:
+      meta, columns = tables.parts()
+      items["scio"] = ocp.args.JsonSave(meta)
+      items["scio_rows"] = ocp.args.PyTreeSave(jax.tree.map(_row_sharded, columns))
     try:  # also where the previous asynchronous save reports its failure
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except  # whatever the writer raises
@@ -167,12 +181,20 @@ class Checkpointer:
     nnx.replace_by_pure_dict(state, restored.state)
     return state, restored.data
 
-  def restore_table(self, step: int) -> dict | None:
-    """The SCIO tables saved with `step`, or None if that step has none."""
-    if not (epath.Path(self.directory) / str(step) / "scio").is_dir():
+  def restore_table(self, step: int) -> tuple[dict, dict] | None:
+    """The SCIO tables saved with `step` as (JSON part, columns: host arrays, every row on
+    every process), for `table.Tables.from_parts`; None if that step has none."""
+    root = epath.Path(self.directory) / str(step)
+    if not (root / "scio").is_dir():
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(
-        scio=ocp.args.JsonRestore())).scio
+    if not (root / "scio_rows").is_dir():  # a step written before the columns were arrays
+      return self._manager.restore(step, args=ocp.args.Composite(
+          scio=ocp.args.JsonRestore())).scio, {}
+    tree = ocp.PyTreeCheckpointHandler().metadata(root / "scio_rows").tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        scio=ocp.args.JsonRestore(), scio_rows=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+    return restored.scio, restored.scio_rows
 
   def wait(self) -> None:
     """Until the asynchronous save in flight has finished; SaveFailed if it failed."""

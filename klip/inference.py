@@ -108,6 +108,21 @@ class Processes:
                        f"{self.count} processes")
     return global_batch // self.count
 
+  def share(self, n: int) -> range:
+    """This process's contiguous share of n rows that the processes split between them (for
+    work that every row needs once, such as reading a split's ids)."""
+    return range(self.index * n // self.count, (self.index + 1) * n // self.count)
+
+  def concat(self, x: np.ndarray, n: int) -> np.ndarray:
+    """[n, ...]: every process's rows x of its `share(n)`, concatenated in process order."""
+    if self.count == 1:
+      return np.asarray(x)
+    padded = np.zeros((-(-n // self.count), *np.shape(x)[1:]), np.asarray(x).dtype)
+    padded[:len(x)] = x
+    parts = self.gather(padded)
+    return np.concatenate([part[:(p + 1) * n // self.count - p * n // self.count]
+                           for p, part in enumerate(parts)])
+
   def gather(self, x: np.ndarray) -> np.ndarray:
     """[P, ...]: every process's host array x (the same shape and dtype on each), stacked in
     process order."""

@@ -50,6 +50,7 @@ from klip.data import pipeline
 from klip.data import schema
 from klip.data import tokenizer as tokenizer_lib
 from klip.scio import schedule as scio_schedule
+from klip.scio import table as scio_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
                                           lock_config=True)
@@ -266,9 +267,10 @@ def train(config, workdir: str) -> dict:
     first_step = step
     compiled_step = None
     # SCIO: the pair tables travel in the checkpoint; the pipeline reads the active one.
+    saved_tables = ckpt.restore_table(resumed_from) if resumed_from is not None else None
     scio = scio_schedule.Controller(
         config, source, tok, preprocess,
-        saved=ckpt.restore_table(resumed_from) if resumed_from is not None else None)
+        saved=scio_table.Tables.from_parts(*saved_tables) if saved_tables else None)
     scio_inference = (inference_lib.Inference(
         graphdef, shardings, mesh, rules, model_of=lambda merged: merged.model,
         compiler_options=inference_lib.scoring_options(mesh)) if scio.enabled else None)
@@ -290,7 +292,7 @@ def train(config, workdir: str) -> dict:
       ckpt.save(at_step, state, {"step": at_step, "examples_seen": examples,
                                  "global_batch": config.batch_size, "seed": config.seed,
                                  "schedule_steps": config.schedule_steps,
-                                 "dataset": d.dataset}, table=scio.payload())
+                                 "dataset": d.dataset}, tables=scio.payload())
       if faults.at("kill_in_save_at_step", at_step):
         faults.kill()
 

@@ -147,3 +147,13 @@ def test_scio_discrimination_scores_each_planted_clause_against_the_true_caption
   same = quality.discrimination(config, workdir, data_dir, texts, initial, planted, limit=40,
                                 seed=0)
   assert not np.concatenate(list(same.values())).any()
+
+
+def test_scio_table_bench_measures_a_table_that_round_trips(tmp_path):
+  """bench.scio_table's table of n rows saves and restores through the checkpoint (it asserts
+  the round trip) and stores its columns as arrays far smaller than the one-JSON layout."""
+  from bench import scio_table  # pylint: disable=g-import-not-at-top
+  figures = scio_table.measure(4000, str(tmp_path / "t"))
+  assert figures["rows"] == 4000
+  assert 0 < figures["arrays_mb"] < figures["one_json_mb"] / 3
+  assert figures["meta_mb"] < figures["arrays_mb"]

@@ -54,7 +54,7 @@ def _preprocess(tok, config, **kw):
 
 def _table(source, data_dir):
   return table_lib.PairTable.initial(smoke_config(data_dir).data.dataset + ":train",
-                                     table_lib.read_ids(source))
+                                     table_lib.read_id_hashes(source))
 
 
 # ----- tokenizer ---------------------------------------------------------------------------------
@@ -118,40 +118,102 @@ def _edited(table):
 
 
 def _assert_same(a, b):
-  assert (a.dataset, a.version, a.ids, a.rewrites) == (b.dataset, b.version, b.ids, b.rewrites)
-  for f in ("dropped", "weight", "scores", "scored_version"):
+  assert (a.dataset, a.version, a.rewrites) == (b.dataset, b.version, b.rewrites)
+  for f in table_lib.COLUMNS:
     np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     assert getattr(a, f).dtype == getattr(b, f).dtype
 
 
 def test_table_round_trips_through_a_checkpoint(source, data_dir, tmp_path):
+  """The columns are saved as arrays split by rows over the 8 devices (the JSON part holds no
+  per-row list) and come back as host arrays of the table's rows; a step without tables reads
+  as None."""
   table = _edited(_table(source, data_dir))
-  payload = {"active": table.to_json(), "pending": _table(source, data_dir).to_json(),
-             "pending_from": 128}
+  tables = table_lib.Tables(table, _table(source, data_dir), 128)
   state = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2, async_save=True)
   ckpt.save(1, state, {"step": 1})
-  ckpt.save(2, state, {"step": 2}, table=payload)
+  ckpt.save(2, state, {"step": 2}, tables=tables)
   ckpt.wait()
   assert ckpt.restore_table(1) is None
-  restored = ckpt.restore_table(2)
+  meta, columns = ckpt.restore_table(2)
   ckpt.close()
-  assert restored["pending_from"] == 128
-  back = table_lib.PairTable.from_json(restored["active"])
-  _assert_same(back, table)
-  back.check(table.dataset, source)
+  assert not any(isinstance(v, list) and len(v) == len(table)
+                 for t in ("active", "pending") for v in meta[t].values())
+  saved = checkpoint_lib.ocp.PyTreeCheckpointHandler().metadata(
+      tmp_path / "checkpoints" / "2" / "scio_rows").tree
+  assert saved["active"]["weight"].shape == (-(-len(table) // 8) * 8,)  # padded to 8 shards
+  assert isinstance(columns["active"]["weight"], np.ndarray)
+  back = table_lib.Tables.from_parts(meta, columns)
+  assert back.pending_from == 128
+  _assert_same(back.active, table)
+  _assert_same(back.pending, tables.pending)
+  back.active.check(table.dataset, source)
+
+
+def test_schema_1_tables_migrate(source, data_dir, tmp_path):
+  """A checkpoint step written with the tables as one JSON item (schema 1: string ids, score
+  columns by name) reads as today's tables, ids hashed."""
+  table = _edited(_table(source, data_dir))
+  ids = [schema.example_id(source[i]) for i in range(len(source))]
+  v1 = {"schema": 1, "dataset": table.dataset, "version": table.version, "ids": ids,
+        "dropped": table.dropped.tolist(), "weight": table.weight.tolist(),
+        "scores": {c: table.scores[:, j].tolist()
+                   for j, c in enumerate(table_lib.SCORE_COLUMNS)},
+        "scored_version": table.scored_version.tolist(),
+        "rewrites": [[4, 0, "five"], [4, 6, "a busy harbour"]]}
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt._manager.save(3, args=checkpoint_lib.ocp.args.Composite(  # pylint: disable=protected-access
+      state=checkpoint_lib.ocp.args.StandardSave({"w": np.zeros(2)}),
+      data=checkpoint_lib.ocp.args.JsonSave({"step": 3}),
+      scio=checkpoint_lib.ocp.args.JsonSave({"active": v1, "pending": None,
+                                             "pending_from": 64})))
+  ckpt.wait()
+  back = table_lib.Tables.from_parts(*ckpt.restore_table(3))
+  ckpt.close()
+  _assert_same(back.active, table)
+  assert back.pending is None and back.pending_from == 64
+  with pytest.raises(table_lib.TableSchemaError, match="disagree in length"):
+    table_lib.PairTable.from_json(dict(v1, weight=v1["weight"][1:]))
 
 
 def test_table_from_another_dataset_or_schema_is_refused(source, data_dir):
   table = _table(source, data_dir)
   with pytest.raises(table_lib.TableMismatchError, match="not 'other:train'"):
     table.check("other:train", source)
-  shifted = dataclasses.replace(table, ids=table.ids[1:] + table.ids[:1])
-  with pytest.raises(table_lib.TableMismatchError, match="row 0 is example"):
+  shifted = dataclasses.replace(table, id_hash=np.roll(table.id_hash, -1))
+  with pytest.raises(table_lib.TableMismatchError, match="row 0 holds another example"):
     shifted.check(table.dataset, source)
+  view = shifted.view()
+  with pytest.raises(table_lib.TableMismatchError, match="record 0 has id"):
+    view.apply(0, schema.example_id(source[0]), schema.structured_text(source[0]))
   old = dict(table.to_json(), schema=0)
-  with pytest.raises(table_lib.TableSchemaError, match="schema version 0.*reads version 1"):
+  with pytest.raises(table_lib.TableSchemaError, match="schema version 0.*reads version 2"):
     table_lib.PairTable.from_json(old)
+  _assert_same(table_lib.PairTable.from_json(json.loads(json.dumps(table.to_json()))), table)
+  with pytest.raises(table_lib.TableSchemaError, match="column 'weight' has shape"):
+    table_lib.PairTable.from_parts(table.meta(), dict(table.columns(), weight=table.weight[1:]))
+
+
+def test_processes_split_the_reads_and_merge_them(source, data_dir, monkeypatch):
+  """Each of P processes reads only its share of the records (ids for the table, captions for
+  the value pool); the exchange rebuilds what one process reading everything gets."""
+  n = len(source)
+  for count in (1, 2, 3):
+    procs = [inference.Processes() for _ in range(count)]
+    for k, p in enumerate(procs):
+      p.index, p.count = k, count
+    shares = [p.share(n) for p in procs]
+    assert [i for r in shares for i in r] == list(range(n))
+    reads = [table_lib.read_id_hashes(source, r) for r in shares]
+    pools = [values_lib.ValuePool.from_source(source, r) for r in shares]
+    for p in procs:  # what gather returns on every process: each one's padded share
+      monkeypatch.setattr(p, "gather", lambda x, mine=p: np.stack(
+          [np.pad(reads[q.index], (0, len(x) - len(reads[q.index]))) for q in procs]))
+      monkeypatch.setattr(p, "gather_json", lambda v: [q.to_rows() for q in pools])
+      np.testing.assert_array_equal(schedule.read_id_hashes(source, p),
+                                    table_lib.read_id_hashes(source))
+      assert schedule.value_pool(source, p) == values_lib.ValuePool.from_source(source)
 
 
 # ----- pipeline join -----------------------------------------------------------------------------
@@ -278,8 +340,10 @@ def test_stage_schedule_and_epoch_switch(source, tok, data_dir):
   assert [s for s in range(21) if ctl.due(s)] == [4, 8, 12, 16, 20]
   ctl.pending, ctl.pending_from = _edited(ctl.active), 128
   assert not ctl.switch(120) and ctl.switch(128) and ctl.active.version == 3
+  meta, columns = ctl.payload().parts()
   again = schedule.Controller(config, source, tok, _preprocess(tok, config),
-                              saved=json.loads(json.dumps(ctl.payload())))
+                              saved=table_lib.Tables.from_parts(json.loads(json.dumps(meta)),
+                                                                columns))
   _assert_same(again.active, ctl.active)
   assert again.pending is None
 
@@ -494,7 +558,7 @@ def _pass_on_mesh(config, source, tok, dims, devices):
   _, _, texts = rescore.caption_texts(tok, schema.structured_text(source[0]), 64)
   cosine, match = scorer.score(images, np.repeat(texts[None], 16, axis=0))
   table, result = rescore.run_pass(
-      table_lib.PairTable.initial("d", table_lib.read_ids(source)), source,
+      table_lib.PairTable.initial("d", table_lib.read_id_hashes(source)), source,
       _preprocess(tok, config), tok, scorer.score, None,
       stage=rescore.Stage.PROOFREAD, cfg=config.scio, max_len=64)
   return cosine, match, table, result

@@ -33,9 +33,25 @@ class ValuePool:
     return cls({key: dict(c) for key, c in counts.items()})
 
   @classmethod
-  def from_source(cls, source) -> ValuePool:
-    """Counts the caption of every record of `source` (an unreadable record raises)."""
-    return cls.from_texts(schema.structured_text(source[i]) for i in range(len(source)))
+  def from_source(cls, source, rows: range | None = None) -> ValuePool:
+    """Counts the captions of records `rows` of `source` (default every record; an unreadable
+    record raises)."""
+    rows = range(len(source)) if rows is None else rows
+    return cls.from_texts(schema.structured_text(source[i]) for i in rows)
+
+  def to_rows(self) -> list[list]:
+    """[[family, field name, value, count], ...]: the counts as JSON-compatible rows."""
+    return [[family, name, value, count] for (family, name), counts in self.counts.items()
+            for value, count in counts.items()]
+
+  @classmethod
+  def from_rows(cls, rows) -> ValuePool:
+    """The pool of `to_rows` rows, counts of the same value summed (pools counted over parts
+    of a split, e.g. by several processes, merge into the split's)."""
+    counts = collections.defaultdict(collections.Counter)
+    for family, name, value, count in rows:
+      counts[(family, name)][value] += int(count)
+    return cls({key: dict(c) for key, c in counts.items()})
 
   @classmethod
   def sample(cls, source, max_records: int = 5000) -> ValuePool:

@@ -316,10 +316,11 @@ def _read(rows: np.ndarray, table: table_lib.PairTable, source, preprocess, toke
   unreadable = malformed = 0
   for j, i in enumerate(rows):
     record = source[int(i)]
-    if schema.example_id(record) != table.ids[i]:
+    record_id = schema.example_id(record)
+    if table_lib.id_hash(record_id) != table.id_hash[i]:
       raise table_lib.TableMismatchError(
-          f"record {i} has id {schema.example_id(record)!r} but the pair table expects "
-          f"{table.ids[i]!r}")
+          f"record {i} has id {record_id!r} (hash {table_lib.id_hash(record_id)}) but the "
+          f"pair table's row {i} holds id hash {int(table.id_hash[i])}")
     example = preprocess.random_map((int(i), record), None)  # evaluation: no randomness
     if not example["valid"]:
       unreadable += 1
@@ -329,7 +330,7 @@ def _read(rows: np.ndarray, table: table_lib.PairTable, source, preprocess, toke
       ids, clause, variants = caption_texts(tokenizer, st, max_len)
     except ValueError as e:
       malformed += 1
-      logging.warning("SCIO: pair %d (%s) not rescored: %s", int(i), table.ids[i], e)
+      logging.warning("SCIO: pair %d (%s) not rescored: %s", int(i), record_id, e)
       continue
     kept.append(j)
     images.append(example["image"])

@@ -8,20 +8,40 @@ the same position with the new table. A run starts from `scio.initial_table` (a 
 table, e.g. the SCIO benchmark's planted errors) if set, else from the clean table. Active table, pending
 table and the switch position are saved in the model's checkpoint step (`payload`), so a resumed
 run makes the same switch at the same step.
+
+No process reads the whole split: each reads the example ids of its share of the records (for
+the initial table) and counts the values of its share (for reconstruct's value pool), and the
+processes exchange the results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 
 import jax
+import numpy as np
 
+from klip import inference as inference_lib
 from klip import optim
 from klip.data import values as values_lib
 from klip.scio import rescore
 from klip.scio import table as table_lib
+
+
+def read_id_hashes(source, processes: inference_lib.Processes) -> np.ndarray:
+  """uint32 [N]: the id hash of every record of `source`, each process reading its share."""
+  n = len(source)
+  return processes.concat(table_lib.read_id_hashes(source, processes.share(n)), n)
+
+
+def value_pool(source, processes: inference_lib.Processes) -> values_lib.ValuePool:
+  """The value counts of every caption of `source`, each process counting its share."""
+  local = values_lib.ValuePool.from_source(source, processes.share(len(source)))
+  return values_lib.ValuePool.from_rows(
+      itertools.chain.from_iterable(processes.gather_json(local.to_rows())))
 
 
 def stage_at(step: int, schedule_steps: int, cfg) -> rescore.Stage:
@@ -37,8 +57,10 @@ def stage_at(step: int, schedule_steps: int, cfg) -> rescore.Stage:
 class Controller:
   """The trainer's SCIO state. Inert (no table, no pass) when `scio.enabled` is false."""
 
-  def __init__(self, config, source, tokenizer, preprocess, saved: dict | None):
-    """saved: the checkpoint's 'scio' item (`payload()` of the run being resumed) or None."""
+  def __init__(self, config, source, tokenizer, preprocess,
+               saved: table_lib.Tables | None):
+    """saved: the tables of the checkpoint step resumed from (`payload()` of the run being
+    resumed) or None."""
     self._cfg = config.scio
     self._schedule_steps = optim.schedule_steps(config)
     self._max_len = config.model.text.max_len
@@ -60,25 +82,23 @@ class Controller:
       self.active.check(dataset, source)
       return
     if saved is None:
-      self.active = table_lib.PairTable.initial(dataset, table_lib.read_ids(source))
+      self.active = table_lib.PairTable.initial(
+          dataset, read_id_hashes(source, inference_lib.Processes()))
       return
-    self.active = table_lib.PairTable.from_json(saved["active"])
-    self.active.check(dataset, source)
-    if saved["pending"] is not None:
-      self.pending = table_lib.PairTable.from_json(saved["pending"])
-      self.pending.check(dataset, source)
-      self.pending_from = int(saved["pending_from"])
+    self.active, self.pending, self.pending_from = saved.active, saved.pending, saved.pending_from
+    for table in (self.active, self.pending):
+      if table is not None:
+        table.check(dataset, source)
 
   def view(self) -> table_lib.TableView | None:
     return self.active.view() if self.enabled else None
 
-  def payload(self) -> dict | None:
-    """The checkpoint item: active and pending tables, and where the pending one starts."""
+  def payload(self) -> table_lib.Tables | None:
+    """What the checkpoint saves: active and pending tables, and where the pending one
+    starts."""
     if not self.enabled:
       return None
-    return {"active": self.active.to_json(),
-            "pending": None if self.pending is None else self.pending.to_json(),
-            "pending_from": self.pending_from}
+    return table_lib.Tables(self.active, self.pending, self.pending_from)
 
   def switch(self, examples_seen: int) -> bool:
     """Activates the pending table once the stream reaches its epoch boundary."""
@@ -104,7 +124,7 @@ class Controller:
     start = time.time()
     if stage == rescore.Stage.RECONSTRUCT and self._cfg.fill_candidates and \
         self._pool is None:
-      self._pool = values_lib.ValuePool.from_source(self._source)
+      self._pool = value_pool(self._source, inference.processes)
     scorer = rescore.ModelScorer(inference, state, max_span=self._cfg.max_span)
     table, result = rescore.run_pass(
         base, self._source, self._preprocess, self._tokenizer, scorer.score, scorer.fill,
