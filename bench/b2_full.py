@@ -36,6 +36,7 @@ def _configs(size: str, batch: int):
   full = common.variant_config("tiny", **({"batch_size": batch} if batch else {}))
   contrast = common.variant_config(
       "tiny", **{"loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
+                 "loss.clause_contrast_weight": 0.0,  # the contrastive step alone
                  "model.text.fusion_layers": 0, "model.decoder.depth": 0,
                  **({"batch_size": batch} if batch else {})})
   return contrast, full
