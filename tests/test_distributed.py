@@ -14,12 +14,12 @@ import pytest
 from flax import nnx
 
 from conftest import smoke_config
+from test_scio import saved_tables
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
 from klip import faults
 from klip import sharding
 from klip import train_state
-from klip.scio import table as table_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_SITE = os.path.join(ROOT, "tests", "jax_site")
@@ -263,14 +263,6 @@ def test_one_process_checkpoint_resumes_in_two_on_another_mesh(runs, data_dir):
   _assert_close(resumed["model"], ref["model"], rtol=1e-4)
 
 
-def _table(workdir, step):
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
-  tables = table_lib.Tables.from_parts(*ckpt.restore_table(step))
-  ckpt.close()
-  return {"active": tables.active.to_json(), "pending_from": tables.pending_from,
-          "pending": None if tables.pending is None else tables.pending.to_json()}
-
-
 @pytest.mark.slow
 def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
   """SCIO on (passes at steps 6 and 9: proofread, then reconstruct with the value pool's
@@ -289,7 +281,7 @@ def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
   passes = [r for r in rows if "scio/pass_seconds" in r]
   assert [r["step"] for r in passes] == [6, 9]
   assert all(r["scio/rescored"] == 64 and r["scio/skipped_malformed"] == 0 for r in passes)
-  want, got = _table(one, 10), _table(two, 10)
+  want, got = saved_tables(one, 10), saved_tables(two, 10)
   for name in ("active", "pending"):
     a, b = want[name], got[name]
     if a is None:
@@ -314,7 +306,7 @@ def test_scio_in_two_processes_equals_one(data_dir, tmp_path):
                  fault="kill_in_pass_at_step=9")
   logs = _two_processes(killed, data_dir, str(tmp_path / "resumed_logs"), *scio)
   assert "resumed from step 5" in logs[0] and "resumed from step 5" in logs[1]
-  assert _table(killed, 10) == _table(two, 10)
+  assert saved_tables(killed, 10) == saved_tables(two, 10)
   for x, y in zip(jax.tree.leaves(checkpoint_lib.read_params(killed)),
                   jax.tree.leaves(checkpoint_lib.read_params(two))):
     np.testing.assert_array_equal(x, y)

@@ -25,8 +25,7 @@ from klip import checkpoint as checkpoint_lib
 from klip import faults
 from klip import metrics_writer
 from klip import train
-from klip.scio import table as table_lib
-from test_scio import SCIO
+from test_scio import SCIO, saved_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,13 +235,7 @@ def test_killed_in_a_rescoring_pass_resumes_to_the_uninterrupted_result(data_dir
   out = _run(broken, data_dir, *MATRIX, *SCIO_FLAGS)
   assert out.returncode == 0, out.stderr[-3000:]
   _assert_same_run(straight, broken)
-  tables = []
-  for workdir in (straight, broken):
-    ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
-    saved = table_lib.Tables.from_parts(*ckpt.restore_table(ckpt.latest_step()))
-    tables.append({"active": saved.active.to_json(), "pending_from": saved.pending_from,
-                   "pending": None if saved.pending is None else saved.pending.to_json()})
-    ckpt.close()
+  tables = [saved_tables(workdir) for workdir in (straight, broken)]
   assert tables[0] == tables[1] and tables[0]["active"]["version"] >= 1  # switched at an epoch
   rows, resumed = _rows(straight), _rows(broken)
   passes = [r for r in rows if "scio/pass_seconds" in r]

@@ -57,6 +57,16 @@ def _table(source, data_dir):
                                      table_lib.read_id_hashes(source))
 
 
+def saved_tables(workdir, step=None) -> dict:
+  """The SCIO tables of a run's checkpoint step (default the latest) as one JSON-like dict, for
+  comparing runs."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=3, async_save=False)
+  tables = table_lib.Tables.from_parts(*ckpt.restore_table(step or ckpt.latest_step()))
+  ckpt.close()
+  return {"active": tables.active.to_json(), "pending_from": tables.pending_from,
+          "pending": None if tables.pending is None else tables.pending.to_json()}
+
+
 # ----- tokenizer ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", range(8))
 def test_encode_caption_skip_leaves_out_exactly_one_clause(source, tok, k):
