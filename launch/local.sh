@@ -104,10 +104,25 @@ while true; do
   remaining=("${PIDS[@]}")
   while [[ ${#remaining[@]} -gt 0 ]]; do
     set +e
-    wait -n -p done_pid "${remaining[@]}"
+    wait -n -p done_pid "${remaining[@]}" 2>/dev/null
     rc=$?
     set -e
-    if [[ -z "${done_pid:-}" ]]; then continue; fi  # interrupted by a trapped signal
+    if [[ -z "${done_pid:-}" ]]; then
+      # Bash drops a job killed by a signal from its job table once it has reported it, and
+      # `wait -n` then answers "no such job" for that pid forever; `wait PID` still returns
+      # the status bash saved. Without a dead pid here, a trapped signal interrupted the wait.
+      for pid in "${remaining[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+          done_pid="$pid"
+          set +e
+          wait "$pid"
+          rc=$?
+          set -e
+          break
+        fi
+      done
+      if [[ -z "${done_pid:-}" ]]; then continue; fi
+    fi
     next=()
     for pid in "${remaining[@]}"; do [[ "$pid" != "$done_pid" ]] && next+=("$pid"); done
     remaining=("${next[@]+"${next[@]}"}")

@@ -186,6 +186,21 @@ def test_local_stops_the_others_when_one_fails_and_restarts(tmp_path):
   assert "restart 1 of 1" in out.stderr and "giving up" in out.stderr
 
 
+def test_local_sees_processes_killed_together(tmp_path):
+  """Every process SIGKILLed at once (a fault, the OOM killer): bash forgets a signalled job once
+  it has reported it, so `wait -n` alone would spin on "no such job"; the launcher still reads
+  each status, restarts, and gives up."""
+  fake = tmp_path / "fake_python"
+  fake.write_text("#!/usr/bin/env bash\nsleep 0.2\nkill -KILL $$\n")
+  fake.chmod(0o755)
+  out = _run(os.path.join(LAUNCH, "local.sh"), f"--python={fake}", "--num_processes=3",
+             "--max_restarts=4", "--port=1", f"--log_dir={tmp_path / 'logs'}", "--",
+             "--config=x", check=False)
+  assert out.returncode == 1, out.stderr
+  assert out.stderr.count("exited with status 137 (log") == 5, out.stderr
+  assert "restart 4 of 4" in out.stderr and "no such job" not in out.stderr
+
+
 def test_supervise_restarts_a_failed_command_and_passes_sigterm(tmp_path):
   marker = tmp_path / "failed_once"
   script = os.path.join(LAUNCH, "supervise.sh")
