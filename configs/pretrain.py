@@ -30,12 +30,15 @@ def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels
   """Model fields. text.fusion_layers: the top blocks of the text tower, with cross-attention to
   the image tokens, that the matching path runs per (image, text) pair (default all; 0: no
   fusion path); decoder.depth: blocks of the causal decoder (default the text tower's depth;
-  width, heads and MLP are the text tower's); stem: "patch" (linear patch embedding) or "conv"
-  (stride-2 convolutions down to the patch grid, klip/model/vit.py); pool: the image vector of
-  the contrast and the probes, "cls" or "gap" (mean of the patch tokens); posemb: "learned" or
-  "sincos2d" (fixed); match_cosine: the pair's contrastive cosine, scaled, added to the match
-  logit (klip/model/two_tower.py); attention: "auto" (cuDNN's fused attention on NVIDIA
-  GPUs in bfloat16/float16, else XLA's), "xla" or "cudnn" (klip/model/layers.py)."""
+  width, heads and MLP are the text tower's); decoder.context: what the decoder reads before a
+  value, "clause" (its field's template prefix: the value must come from the image) or
+  "caption" (the whole caption before it; klip/model/text.py); stem: "patch" (linear patch
+  embedding) or "conv" (stride-2 convolutions down to the patch grid, klip/model/vit.py); pool:
+  the image vector of the contrast and the probes, "cls" or "gap" (mean of the patch tokens);
+  posemb: "learned" or "sincos2d" (fixed); match_cosine: the pair's contrastive cosine, scaled,
+  added to the match logit (klip/model/two_tower.py); attention: "auto" (cuDNN's fused
+  attention on NVIDIA GPUs in bfloat16/float16, else XLA's), "xla" or "cudnn"
+  (klip/model/layers.py)."""
   width, depth, heads = vit
   t_width, t_depth, t_heads = text
   return ml_collections.ConfigDict(dict(
@@ -44,7 +47,7 @@ def _model(image_size, patch, vit, text, vocab, max_len, embed_dim=256, channels
       text=dict(vocab_size=vocab, max_len=max_len, width=t_width, depth=t_depth, heads=t_heads,
                 mlp_dim=4 * t_width, pad_id=0,
                 fusion_layers=t_depth if fusion_layers is None else fusion_layers),
-      decoder=dict(depth=t_depth if decoder_depth is None else decoder_depth),
+      decoder=dict(depth=t_depth if decoder_depth is None else decoder_depth, context="clause"),
       stem="patch", pool="gap", posemb="sincos2d", match_cosine=True, embed_dim=embed_dim,
       temperature_init=0.07, dtype="float32",
       scan_layers=False, remat_policy="none", attention="auto"))

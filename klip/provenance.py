@@ -49,6 +49,7 @@ def _versions() -> dict[str, str]:
 _ADDED = (
     ("model.text.fusion_layers", lambda c: c["model"]["text"]["depth"]),
     ("model.decoder", lambda c: {"depth": c["model"]["text"]["depth"]}),
+    ("model.decoder.context", lambda c: "caption"),
     ("model.attention", lambda c: "auto"),
     ("model.stem", lambda c: "patch"),
     ("model.pool", lambda c: "cls"),

@@ -33,9 +33,10 @@ def test_max_len_holds_whole_captions(variant, captions, tmp_path):
 
 
 def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
-  """Runs recorded before fusion_layers, decoder, attention, stem, pool, posemb, match_cosine,
-  fill_candidates and keep_period existed read with the values they ran with, so model and SCIO
-  code read every field directly (a misspelt one fails where it is read)."""
+  """Runs recorded before fusion_layers, decoder (and its context), attention, stem, pool,
+  posemb, match_cosine, fill_candidates and keep_period existed read with the values they ran
+  with, so model and SCIO code read every field directly (a misspelt one fails where it is
+  read)."""
   import json  # pylint: disable=g-import-not-at-top
   from klip import provenance  # pylint: disable=g-import-not-at-top
   today = json.loads(pretrain.get_config("smoke").to_json())
@@ -57,7 +58,9 @@ def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
   assert (read.model.pool, read.model.posemb, read.model.match_cosine) == ("cls", "learned",
                                                                            False)
   assert read.scio.fill_candidates == 0 and read.checkpoint.keep_period == 0
-  ran_with = dict(today["model"], pool="cls", posemb="learned", match_cosine=False)
+  assert read.model.decoder.context == "caption"  # their decoder read the whole caption
+  ran_with = dict(today["model"], pool="cls", posemb="learned", match_cosine=False,
+                  decoder=dict(today["model"]["decoder"], context="caption"))
   assert json.loads(read.model.to_json()) == ran_with  # smoke's model is the defaults'
   with pytest.raises(AttributeError):
     read.model.stme  # pylint: disable=pointless-statement

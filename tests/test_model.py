@@ -11,6 +11,7 @@ from flax.core import spmd as core_spmd
 
 from klip import sharding
 from klip.model import dense, layers, vit
+from klip.model import text as text_lib
 from klip.model.two_tower import Model, count_params
 from klip.model.vit import interpolate_posemb
 
@@ -23,7 +24,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       vit=dict(width=32, depth=2, heads=4, mlp_dim=64),
       text=dict(vocab_size=50, max_len=12, width=32, depth=2, heads=4, mlp_dim=64, pad_id=0,
                 fusion_layers=2),
-      decoder=dict(depth=2), stem="patch", pool="cls", posemb="learned", match_cosine=False,
+      decoder=dict(depth=2, context="caption"), stem="patch", pool="cls", posemb="learned",
+      match_cosine=False,
       attention="auto",
       embed_dim=16, temperature_init=0.07, dtype="float32",
       scan_layers=False, remat_policy="none"))
@@ -37,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
       vit=dict(width=768, depth=12, heads=12, mlp_dim=3072),
       text=dict(vocab_size=32000, max_len=128, width=768, depth=12, heads=12, mlp_dim=3072,
                 pad_id=0, fusion_layers=12),
-      decoder=dict(depth=12), stem="patch", pool="cls", posemb="learned", match_cosine=False,
+      decoder=dict(depth=12, context="caption"), stem="patch", pool="cls", posemb="learned",
+      match_cosine=False,
       attention="auto",
       embed_dim=256, temperature_init=0.07, dtype="bfloat16",
       scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable"))
@@ -233,6 +236,8 @@ def test_config_validation_errors():
     model.embed_images(jnp.zeros((2, 24, 24, 2)))
   with pytest.raises(ValueError, match="max_len"):
     model.embed_texts(jnp.ones((2, config.text.max_len + 1), jnp.int32))
+  with pytest.raises(ValueError, match="decoder.context must be one of"):
+    Model(tiny_config(decoder=dict(depth=1, context="sentence")), rngs=nnx.Rngs(0))
 
 
 def test_base_param_count():
@@ -387,7 +392,7 @@ def test_top_fusion_blocks_reuse_the_contrastive_lower_states():
 
 
 def test_decoder_depth_zero_builds_no_decoder():
-  config = tiny_config(decoder=dict(depth=0))
+  config = tiny_config(decoder=dict(depth=0, context="caption"))
   model = Model(config, rngs=nnx.Rngs(0))
   assert model.decoder is None
   images, tokens = inputs(config)
@@ -396,7 +401,7 @@ def test_decoder_depth_zero_builds_no_decoder():
 
 
 def test_match_and_decode_logits_shapes():
-  config = tiny_config(decoder=dict(depth=3))
+  config = tiny_config(decoder=dict(depth=3, context="caption"))
   model = Model(config, rngs=nnx.Rngs(0))
   images, tokens = inputs(config)
   image_tokens = model.encode_image(images)
@@ -424,12 +429,50 @@ def test_decoder_is_causal_and_ignores_padding():
                              logits[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_decoder_cache_extends_as_the_full_pass_would(scan):
+# [DEC] a b | [SEP] c d e | [SEP] f [PAD] [PAD]: three clauses, padded (DEC 3, SEP 5)
+CLAUSED = jnp.asarray([[3, 11, 12, 5, 13, 14, 15, 5, 16, 0, 0, 0],
+                       [3, 21, 5, 22, 23, 5, 24, 25, 26, 27, 0, 0]], jnp.int32)
+
+
+def test_clause_layout_starts_a_clause_at_dec_and_at_each_sep():
+  clause, position = text_lib.clause_layout(CLAUSED)
+  np.testing.assert_array_equal(clause[0], [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+  np.testing.assert_array_equal(position[0], [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(clause[1], [0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2])
+  np.testing.assert_array_equal(position[1], [0, 1, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6])
+
+
+def test_clause_context_reads_the_image_and_its_own_clause_only():
+  """With decoder.context "clause" a clause's states are those of the clause decoded alone
+  (from its [SEP], at positions 0, 1, ...): other clauses' tokens do not reach it. With
+  "caption" they do."""
+  images = inputs(tiny_config())[0]
+  for context in ("clause", "caption"):
+    model = Model(tiny_config(decoder=dict(depth=2, context=context)), rngs=nnx.Rngs(0))
+    image_tokens = model.encode_image(images)
+    full = model.decode_states(image_tokens, CLAUSED)
+    alone = model.decode_states(image_tokens[:1], CLAUSED[:1, 3:7])  # [SEP] c d e
+    other = model.decode_states(image_tokens, CLAUSED.at[0, 1:3].set(40))  # clause 0 changed
+    if context == "clause":
+      np.testing.assert_allclose(alone[0], full[0, 3:7], atol=1e-5)
+      np.testing.assert_allclose(other[0, 3:], full[0, 3:], atol=1e-5)
+      np.testing.assert_allclose(other[1], full[1], atol=1e-5)
+    else:
+      assert not np.allclose(alone[0], full[0, 3:7], atol=1e-3)
+      assert not np.allclose(other[0, 3:7], full[0, 3:7], atol=1e-3)
+    # the image reaches every position either way
+    swapped = model.decode_states(image_tokens[::-1], CLAUSED)
+    assert not np.allclose(swapped[0, 3:7], full[0, 3:7], atol=1e-3)
+
+
+@pytest.mark.parametrize("scan,context", [(False, "caption"), (True, "caption"),
+                                          (False, "clause"), (True, "clause")])
+def test_decoder_cache_extends_as_the_full_pass_would(scan, context):
   """prefill over a prompt, then one token at a time: the states of the causal full pass."""
-  config = tiny_config(scan_layers=scan)
+  config = tiny_config(scan_layers=scan, decoder=dict(depth=2, context=context))
   model = Model(config, rngs=nnx.Rngs(0))
   images, tokens = inputs(config)
+  tokens = CLAUSED[:, :10] if context == "clause" else tokens
   image_tokens = model.encode_image(images)
   full = model.decode_states(image_tokens, tokens)
   start, pad = 3, config.text.pad_id

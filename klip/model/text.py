@@ -7,6 +7,13 @@ so a batch's matching pass reuses their states from the contrastive pass (`TextS
 only the top blocks run again per (image, text) pair. `TextDecoder` is a causal stack with
 cross-attention to the image tokens in every layer; it reads the text tower's embeddings
 (tokens + positions) and has blocks of its own.
+
+The decoder's context (`decoder.context`): "caption", every earlier token of the caption; or
+"clause", only the earlier tokens of the token's own clause (from its [DEC] or [SEP] on), with
+positions counted from the clause's start. With "clause" a value is predicted from the image
+and its field's template prefix alone: the decoder cannot read it off the caption's other values
+(which, written by one generator, predict each other), so it has to look at the image, and at
+generation time one wrong value does not carry into the next clauses.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klip.data.caption import SEP
 from klip.model.layers import Encoder, layer_norm, param
 
 EMBED_INIT = nnx.initializers.normal(stddev=0.02)
@@ -38,6 +46,27 @@ def decoder_depth(config) -> int:
   if depth < 0:
     raise ValueError(f"decoder.depth must be >= 0, got {depth}")
   return depth
+
+
+CONTEXTS = ("caption", "clause")
+
+
+def decoder_context(config) -> str:
+  """`decoder.context`: what the decoder attends to before a token (one of CONTEXTS)."""
+  context = str(config.decoder.context)
+  if context not in CONTEXTS:
+    raise ValueError(f"decoder.context must be one of {CONTEXTS}, got {context!r}")
+  return context
+
+
+def clause_layout(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(clause index, position within the clause), each [B, L] int32, of decoder tokens [B, L]:
+  a clause starts at [DEC] (position 0) or at a [SEP] and runs to the next [SEP]."""
+  starts = tokens == SEP
+  clause = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return clause, index - start
 
 
 def _stack(config, depth: int, cross: bool, *, rngs: nnx.Rngs) -> Encoder:
@@ -82,13 +111,14 @@ class TextEncoder(nnx.Module):
     self.encoder = _stack(config, text.depth - lower, self.fusion, rngs=rngs)
     self.norm = layer_norm(text.width, self.dtype, rngs)
 
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    """Token + position embeddings [B, L, width] in the compute dtype."""
+  def embed_tokens(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """Token + position embeddings [B, L, width] in the compute dtype; positions [B, L]
+    (default 0..L-1 in every row)."""
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ValueError(f"expected tokens [B, L] with L <= max_len {self.max_len}, "
                        f"got shape {tuple(tokens.shape)}")
-    length = tokens.shape[1]
-    return (self.embed(tokens) + self.posemb[:length]).astype(self.dtype)
+    pos = self.posemb[:tokens.shape[1]] if positions is None else self.posemb[...][positions]
+    return (self.embed(tokens) + pos).astype(self.dtype)
 
   def embed_at(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """`embed_tokens` of one token per row: tokens [B] at positions [B] -> [B, width]."""
@@ -117,11 +147,13 @@ class TextEncoder(nnx.Module):
 class TextDecoder(nnx.Module):
   """Causal Transformer over embedded tokens with cross-attention to image tokens in every layer.
 
-  Queries attend to earlier positions that are not padding; every image token is a key.
+  Queries attend to earlier positions that are not padding (of their own clause with
+  `decoder.context` "clause"); every image token is a key.
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.pad_id = config.text.pad_id
+    self.clause_context = decoder_context(config) == "clause"
     self.dtype = jnp.dtype(config.dtype)
     self.layers = _stack(config, decoder_depth(config), True, rngs=rngs)
     self.norm = layer_norm(config.text.width, self.dtype, rngs)
@@ -130,10 +162,19 @@ class TextDecoder(nnx.Module):
     """x [B, L, width] embeds `tokens` [B, L]; returns hidden states [B, L, width]."""
     return self.norm(self.layers(x, self._mask(tokens), kv=image_tokens.astype(self.dtype)))
 
+  def positions(self, tokens: jax.Array) -> jax.Array:
+    """The positions [B, L] the tokens are embedded at: in the caption, or in their clause."""
+    if self.clause_context:
+      return clause_layout(tokens)[1]
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
   def _mask(self, tokens: jax.Array) -> jax.Array:
     length = tokens.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None, None] & (tokens != self.pad_id)[:, None, None, :]
+    mask = jnp.tril(jnp.ones((length, length), bool))[None] & (tokens != self.pad_id)[:, None, :]
+    if self.clause_context:
+      clause = clause_layout(tokens)[0]
+      mask &= clause[:, :, None] == clause[:, None, :]
+    return mask[:, None]
 
   def prefill(self, x: jax.Array, tokens: jax.Array, image_tokens: jax.Array) -> tuple:
     """`__call__`'s hidden states and the layers' key/value caches over the buffer `tokens`."""
@@ -146,6 +187,10 @@ class TextDecoder(nnx.Module):
     not padding, as `__call__` would. Returns (states, updated caches)."""
     index = jnp.arange(tokens.shape[1])
     write = index == positions[:, None]
-    mask = ((index <= positions[:, None]) & (tokens != self.pad_id))[:, None, None, :]
+    mask = (index <= positions[:, None]) & (tokens != self.pad_id)
+    if self.clause_context:
+      clause = clause_layout(tokens)[0]
+      mask &= clause == jnp.take_along_axis(clause, positions[:, None], axis=1)
+    mask = mask[:, None, None, :]
     out, caches = self.layers.extend(x[:, None].astype(self.dtype), caches, write, mask)
     return self.norm(out[:, 0]), caches

@@ -132,25 +132,29 @@ class Model(nnx.Module):
   def decode_states(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
     """Causal decoder hidden states [B, L, width] over `tokens` (which start with [DEC]).
 
-    The input embedding (tokens + positions) is the text tower's.
+    The input embedding (tokens + positions) is the text tower's, at the positions of
+    `decoder.context` (in the caption or in the clause).
     """
     if self.decoder is None:
       raise ValueError("decoder.depth is 0: the model has no decoder")
-    return self.decoder(self.text.embed_tokens(tokens), tokens, image_tokens)
+    x = self.text.embed_tokens(tokens, self.decoder.positions(tokens))
+    return self.decoder(x, tokens, image_tokens)
 
   def decode_prefill(self, image_tokens: jax.Array, tokens: jax.Array) -> tuple:
     """`decode_states` over a decoding buffer, and the decoder's key/value caches for
     `decode_extend` (cross-attention keys and values of the image tokens computed once)."""
     if self.decoder is None:
       raise ValueError("decoder.depth is 0: the model has no decoder")
-    return self.decoder.prefill(self.text.embed_tokens(tokens), tokens, image_tokens)
+    x = self.text.embed_tokens(tokens, self.decoder.positions(tokens))
+    return self.decoder.prefill(x, tokens, image_tokens)
 
   def decode_extend(self, tokens: jax.Array, positions: jax.Array, caches) -> tuple:
     """Decoder states [B, width] at `positions` [B] of the buffer `tokens` [B, L] from the
     caches of the positions before (`decode_prefill`, then earlier `decode_extend`s): equal to
     `decode_states(...)[b, positions[b]]` at the cost of one token. Returns (states, caches)."""
     new = jnp.take_along_axis(tokens, positions[:, None], axis=1)[:, 0]
-    return self.decoder.extend(self.text.embed_at(new, positions), tokens, positions, caches)
+    at = jnp.take_along_axis(self.decoder.positions(tokens), positions[:, None], axis=1)[:, 0]
+    return self.decoder.extend(self.text.embed_at(new, at), tokens, positions, caches)
 
   def token_logits(self, states: jax.Array) -> jax.Array:
     """Float32 vocabulary logits [..., vocab], tied to the text tower's token embedding.
