@@ -39,7 +39,8 @@ def model(tok):
       vit=dict(width=16, depth=1, heads=2, mlp_dim=32),
       text=dict(vocab_size=tok.vocab_size, max_len=MAX_LEN, width=16, depth=1, heads=2,
                 mlp_dim=32, pad_id=PAD, fusion_layers=1),
-      decoder=dict(depth=1, context="clause"), stem="patch", pool="cls", posemb="learned", match_cosine=False,
+      decoder=dict(depth=1, context="clause"), stem="patch", pool="cls", posemb="learned",
+      match_cosine=False,
       attention="auto", embed_dim=8, temperature_init=0.07, dtype="float32",
       scan_layers=True, remat_policy="none"))
   return Model(config, rngs=nnx.Rngs(0))

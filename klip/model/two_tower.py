@@ -129,6 +129,10 @@ class Model(nnx.Module):
     rise = jnp.exp(self.itm_log_scale[...]) * cosine.astype(jnp.float32)
     return logits.at[:, POSITIVE].add(rise)
 
+  def _decoder_input(self, tokens: jax.Array) -> jax.Array:
+    """The text tower's embeddings of `tokens` at the decoder's positions."""
+    return self.text.embed_tokens(tokens, self.decoder.positions(tokens))
+
   def decode_states(self, image_tokens: jax.Array, tokens: jax.Array) -> jax.Array:
     """Causal decoder hidden states [B, L, width] over `tokens` (which start with [DEC]).
 
@@ -137,16 +141,14 @@ class Model(nnx.Module):
     """
     if self.decoder is None:
       raise ValueError("decoder.depth is 0: the model has no decoder")
-    x = self.text.embed_tokens(tokens, self.decoder.positions(tokens))
-    return self.decoder(x, tokens, image_tokens)
+    return self.decoder(self._decoder_input(tokens), tokens, image_tokens)
 
   def decode_prefill(self, image_tokens: jax.Array, tokens: jax.Array) -> tuple:
     """`decode_states` over a decoding buffer, and the decoder's key/value caches for
     `decode_extend` (cross-attention keys and values of the image tokens computed once)."""
     if self.decoder is None:
       raise ValueError("decoder.depth is 0: the model has no decoder")
-    x = self.text.embed_tokens(tokens, self.decoder.positions(tokens))
-    return self.decoder.prefill(x, tokens, image_tokens)
+    return self.decoder.prefill(self._decoder_input(tokens), tokens, image_tokens)
 
   def decode_extend(self, tokens: jax.Array, positions: jax.Array, caches) -> tuple:
     """Decoder states [B, width] at `positions` [B] of the buffer `tokens` [B, L] from the
