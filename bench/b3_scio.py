@@ -3,8 +3,9 @@ r"""B3: the SCIO rescoring pass: pairs/s and its share of training wall time (ti
 The pass is the trainer's (`klip.scio.rescore.run_pass` with `ModelScorer`, the
 `klip.inference` harness over the train state, on the prepared corpus
 `synthetic/n4000_s64_c2_seed0`, records read and tokenized on the host): `scio.slice_size` pairs (64) in chunks of `scio.batch_size`, each pair scored with its
-full caption and its 8 leave-one-clause-out variants. Measured, interleaved with the tiny train
-step:
+full caption and, by `scio.screen` (`--screen`, default the config's): its 8 leave-one-clause-
+out variants, or its 5 observable clauses alone each with `scio.screen_candidates` rivals
+(`klip/scio/clauses.py`). Measured, interleaved with the tiny train step:
 
   proofread     a pass in the screen + proofread stage (scores only);
   reconstruct   a pass in the last stage (refills the clauses flagged; with a freshly
@@ -15,10 +16,10 @@ step:
 The share of wall time at the default period (`scio.every_steps` = 50) is pass / (50 steps +
 pass) while SCIO is active, and over a whole default run (`total_steps` 400: passes after the
 warm-up third, the last third reconstructing). Host time (reading, decoding and tokenizing the
-nine captions of each pair) is split from device time (the jitted scoring).
+texts of each pair) is split from device time (the jitted scoring).
 
   .venv/bin/python -m bench.b3_scio
-  .venv/bin/python -m bench.b3_scio --rounds=1
+  .venv/bin/python -m bench.b3_scio --rounds=1 --screen=leave_one_out
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=10, help="tiny train steps timed per round")
   p.add_argument("--data_dir", default=os.path.join(common.ROOT, "data"))
   p.add_argument("--workdir", default=os.path.join(common.ROOT, "workdirs", "bench"))
+  p.add_argument("--screen", choices=("leave_one_out", "clause"), default=None,
+                 help="scio.screen (default: the tiny config's)")
   args = p.parse_args(argv)
   load_start = common.load()
   log = common.log
@@ -77,8 +80,12 @@ def main(argv=None) -> dict:
   from klip.scio import rescore  # pylint: disable=g-import-not-at-top
   from klip.scio import table as table_lib  # pylint: disable=g-import-not-at-top
 
-  config = common.variant_config("tiny", **{"data.data_dir": args.data_dir})
+  config = common.variant_config("tiny", **{"data.data_dir": args.data_dir,
+                                            **({"scio.screen": args.screen} if args.screen
+                                               else {})})
   d, s = config.data, config.scio
+  by_clause = s.screen == "clause"
+  clause_len = config.loss.clause_max_len
   log(f"B3 SCIO pass, tiny; {common.machine()}; {common.versions()}")
   source = train._source(d)  # pylint: disable=protected-access
   tok = tokenizer(config, args.workdir, source)
@@ -98,19 +105,27 @@ def main(argv=None) -> dict:
   table = table_lib.PairTable.initial(f"{d.dataset}:{d.split}", table_lib.read_id_hashes(source))
   log(f"pair table of {len(table)} rows read in {time.perf_counter() - t:.1f} s")
   max_len = config.model.text.max_len
+  from klip.data import values as values_lib  # pylint: disable=g-import-not-at-top
+  from klip.scio import clauses  # pylint: disable=g-import-not-at-top
+  pool = values_lib.ValuePool.from_source(source) if by_clause else None
 
   # One chunk's inputs, for the forced fill and the FLOP count.
   rows = np.arange(s.batch_size)
-  images, ids, clause, texts = [], [], [], []
+  images, ids, clause, texts, options = [], [], [], [], []
   from klip.data import schema  # pylint: disable=g-import-not-at-top
   for i in rows:
     record = source[int(i)]
     images.append(preprocess.random_map((int(i), record), None)["image"])
-    a, c, v = rescore.caption_texts(tok, schema.structured_text(record), max_len)
+    st = schema.structured_text(record)
+    a, c, v = rescore.caption_texts(tok, st, max_len)
     ids.append(a)
     clause.append(c)
     texts.append(v)
+    if by_clause:
+      options.append(clauses.options(tok, st, pool, s.screen_candidates, clause_len)[0])
   images, ids, clause, texts = map(np.stack, (images, ids, clause, texts))
+  # what one chunk scores: (texts [n, V, L]) per scoring call
+  scored = [texts[:, :1], np.stack(options)] if by_clause else [texts]
   k_all = np.zeros(len(rows), np.int32)  # refill clause 0 of every pair
 
   counters = {}
@@ -121,7 +136,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     with ps._ctx():  # pylint: disable=protected-access
       _, result = rescore.run_pass(table, source, preprocess, tok, score, fill, stage=stage,
-                                   cfg=s, max_len=max_len)
+                                   cfg=s, max_len=max_len, pool=pool, clause_len=clause_len)
     wall = time.perf_counter() - t
     counters[stage.name] = dict(score_s=score.seconds, fill_s=fill.seconds, wall=wall,
                                 flagged=int(np.sum(result.flagged >= 0)),
@@ -134,13 +149,17 @@ def main(argv=None) -> dict:
       scorer().fill(images, ids, clause, k_all)
     return len(rows) / (time.perf_counter() - t)
 
-  with ps._ctx():  # pylint: disable=protected-access
-    compiled = harness.jitted(inference.variant_scores, 4, 3).lower(
-        ps.state, images, texts).compile()
-  xla = flops_lib.compiled_flops(compiled)
-  analytic = flops_lib.scio_scores(config.model, len(rows), texts.shape[1]).forward_total
-  log(f"scoring chunk of {len(rows)} pairs x {texts.shape[1]} texts: matmul GFLOP XLA "
-      f"{xla['matmul'] / 1e9:.2f}, analytic {analytic / 1e9:.2f}")
+  xla, analytic = {"matmul": 0.0}, 0.0
+  for t in scored:
+    with ps._ctx():  # pylint: disable=protected-access
+      compiled = harness.jitted(inference.variant_scores, 4, 3).lower(
+          ps.state, images, t).compile()
+    xla["matmul"] += flops_lib.compiled_flops(compiled)["matmul"]
+    analytic += flops_lib.scio_scores(config.model, len(rows), t.shape[1],
+                                      length=t.shape[2]).forward_total
+  log(f"scoring chunk of {len(rows)} pairs ({s.screen} screen: "
+      f"{' + '.join(f'{t.shape[1]} x {t.shape[2]}' for t in scored)} texts x tokens): matmul "
+      f"GFLOP XLA {xla['matmul'] / 1e9:.2f}, analytic {analytic / 1e9:.2f}")
   one_pass(rescore.Stage.PROOFREAD)  # compiles the scorer
   forced_fill()  # compiles generation
   calib = common.MatmulCalibration()
@@ -189,10 +208,12 @@ def main(argv=None) -> dict:
   run_share = (n_proof * proof_s + n_recon * recon_s) / (train_s + n_proof * proof_s
                                                          + n_recon * recon_s)
   flagged = counters["RECONSTRUCT"]["flagged"] / max(counters["RECONSTRUCT"]["rows"], 1)
-  figures.update(step_pairs_s=common.median(rates["step"]), run_share=run_share,
-                 passes=f"{n_proof}+{n_recon}", reconstruct_flagged=flagged)
+  figures.update(screen=s.screen, step_pairs_s=common.median(rates["step"]),
+                 run_share=run_share, passes=f"{n_proof}+{n_recon}",
+                 reconstruct_flagged=flagged)
   log("")
-  log(f"B3 SCIO pass (tiny: {pass_pairs} pairs per pass, 9 texts each, period {every} steps; "
+  log(f"B3 SCIO pass (tiny: {pass_pairs} pairs per pass, {s.screen} screen, "
+      f"{' + '.join(str(t.shape[1]) for t in scored)} texts each, period {every} steps; "
       f"{args.rounds} interleaved rounds; tiny train step {common.median(rates['step']):.1f} "
       f"pairs/s = {common.median(step_s):.2f} s/step; same-run XLA f32 matmul "
       f"{common.median(mm) / 1e9:.0f} GFLOP/s; load {load_start:.1f}->{common.load():.1f})")

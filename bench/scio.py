@@ -66,6 +66,8 @@ _CANDIDATES = flags.DEFINE_integer(
     "with the decoder's fill in the reconstruct stage (-1: the variant's).")
 _SWAP = flags.DEFINE_enum("clause_negatives", "default", ["default", "true", "false"],
                           "loss.clause_negatives of both runs (default: the variant's).")
+_SCREEN = flags.DEFINE_enum("screen", "default", ["default", "leave_one_out", "clause"],
+                            "scio.screen of the SCIO run (default: the variant's).")
 
 
 def _fork_from(src: str, dst: str, step: int) -> None:
@@ -85,7 +87,8 @@ def _fork_from(src: str, dst: str, step: int) -> None:
 
 def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed: int,
         every_steps: int, slice_size: int, clause_negatives: str = "default",
-        baseline: bool = True, fork_baseline: bool = True, fill_candidates: int = -1) -> str:
+        baseline: bool = True, fork_baseline: bool = True, fill_candidates: int = -1,
+        screen: str = "default") -> str:
   base = pretrain.get_config(variant)
   texts, ids = quality.captions(data_dir, base.data.dataset, base.data.split)
   initial, planted = quality.plant(texts, ids, f"{base.data.dataset}:{base.data.split}", rate,
@@ -110,6 +113,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
       config.loss.clause_negatives = clause_negatives == "true"
     if fill_candidates >= 0:
       config.scio.fill_candidates = fill_candidates
+    if screen != "default":
+      config.scio.screen = screen
     fork = math.ceil(config.scio.warmup_fraction * config.total_steps) - 1  # last warm-up step
     fork = fork if fork_baseline and baseline and fork > 0 else 0
     if fork and scio_on:  # keep a checkpoint at the fork for the run without SCIO
@@ -136,8 +141,10 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   lines = [f"SCIO benchmark: variant={variant}, steps={config.total_steps}, planted rate "
            f"{rate:.0%} of pixel-observable clauses ({len(planted)} clauses in "
            f"{len({i for i, _ in planted})} of {len(texts)} pairs); clause negatives "
-           f"{'on' if config.loss.clause_negatives else 'off'}; reconstruction candidates "
-           f"{config.scio.fill_candidates}",
+           f"{'on' if config.loss.clause_negatives else 'off'}; screen {config.scio.screen}"
+           + (f" ({config.scio.screen_candidates} rivals a clause)"
+              if config.scio.screen == "clause" else
+              f"; reconstruction candidates {config.scio.fill_candidates}"),
            f"pairs rescored (at least once): {int(np.sum(final.scored_version >= 0))}; "
            f"passes: {len(rows)}", header, "-" * len(header)]
   total = quality.Counts()
@@ -167,17 +174,19 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   lines += ["", "what the final SCIO model tells apart: a caption against the same caption with "
             "one planted value, on its own image",
             "(fraction scored higher, 0.5 is chance; train: the pairs it trained on, planted "
-            "values and all, where screening works; test: unseen pairs)",
-            f"{'field':<14}" + "".join(f"{f'{s} pairs':>12}{'cosine':>8}{'match':>8}"
-                                        for s in ceiling)]
+            "values and all, where screening works; test: unseen pairs; whole: the caption, "
+            "what the leave-one-out screen compares; clause: the clause alone, what the clause "
+            "screen compares)",
+            f"{'field':<14}" + "".join(f"{f'{s} pairs':>12}{'whole cos':>10}{'match':>8}"
+                                        f"{'clause cos':>11}{'match':>8}" for s in ceiling)]
   fields = sorted(set(ceiling["train"]) | set(ceiling["test"]))
   for name in fields + ["overall"]:
     line = f"{name:<14}"
     for split in ceiling:
       rows = (np.concatenate(list(ceiling[split].values())) if name == "overall"
-              else ceiling[split].get(name, np.zeros((0, 2), bool)))
-      line += f"{len(rows):>12}" + "".join(f"{v:>8.3f}" for v in (
-          rows.mean(0) if len(rows) else (np.nan, np.nan)))
+              else ceiling[split].get(name, np.zeros((0, 4), bool)))
+      mean = rows.mean(0) if len(rows) else np.full(4, np.nan)
+      line += f"{len(rows):>12}{mean[0]:>10.3f}{mean[1]:>8.3f}{mean[2]:>11.3f}{mean[3]:>8.3f}"
     lines.append(line)
   return "\n".join(lines)
 
@@ -189,7 +198,7 @@ def main(argv):
                     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
   report = run(_VARIANT.value, _STEPS.value, _RATE.value, _DATA_DIR.value, _OUT_DIR.value,
                _SEED.value, _EVERY.value, _SLICE.value, _SWAP.value, _BASELINE.value,
-               _FORK.value, _CANDIDATES.value)
+               _FORK.value, _CANDIDATES.value, _SCREEN.value)
   with open(os.path.join(_OUT_DIR.value, "report.txt"), "w") as f:
     f.write(report + "\n")
   print(report, flush=True)

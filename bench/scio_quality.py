@@ -118,8 +118,10 @@ def discrimination(config, workdir: str, data_dir: str, texts, initial: table_li
                    planted, limit: int, seed: int, split: str = "") -> dict[str, np.ndarray]:
   """How often the run's final model scores a caption of `split` (default the training split)
   above the same caption with one planted value, on the caption's own image: {field: bool
-  [n, 2]} (cosine higher, match probability higher) over up to `limit` planted clauses drawn
-  at random; `texts`, `initial` and `planted` are that split's (`plant`).
+  [n, 4]} (cosine higher, match probability higher; then the same for the planted clause alone
+  against the true one, "prefix value" in `loss.clause_max_len` tokens, as the clause screen
+  scores it) over up to `limit` planted clauses drawn at random; `texts`, `initial` and
+  `planted` are that split's (`plant`).
 
   SCIO's screening compares these same scores (`predict.score`) with and without a clause, so
   on the training split this pairwise accuracy (0.5: chance) bounds what any screening rule on
@@ -140,7 +142,14 @@ def discrimination(config, workdir: str, data_dir: str, texts, initial: table_li
              for i, k in chunk]
     cosine, match = (x.reshape(2, -1) for x in pred.pair_scores(
         np.concatenate([images, images]), np.stack(true + wrong)))
-    higher = np.stack([cosine[0] > cosine[1], match[0] > match[1]], axis=1)
+    clause = lambda i, k, v: pred.tokenizer.encode_text(  # noqa: E731
+        caption_lib.PREFIXES[texts[i].field_names[k]] + v, config.loss.clause_max_len)
+    c_cos, c_match = (x.reshape(2, -1) for x in pred.pair_scores(
+        np.concatenate([images, images]),
+        np.stack([clause(i, k, texts[i].values[k]) for i, k in chunk]
+                 + [clause(i, k, initial.rewrites[i][k]) for i, k in chunk])))
+    higher = np.stack([cosine[0] > cosine[1], match[0] > match[1], c_cos[0] > c_cos[1],
+                       c_match[0] > c_match[1]], axis=1)
     for (i, k), row in zip(chunk, higher):
       out.setdefault(texts[i].field_names[k], []).append(row)
   return {name: np.stack(rows) for name, rows in out.items()}

@@ -56,6 +56,8 @@ _ADDED = (
     ("model.posemb", lambda c: "learned"),
     ("model.match_cosine", lambda c: False),
     ("scio.fill_candidates", lambda c: 0),
+    ("scio.screen", lambda c: "leave_one_out"),
+    ("scio.screen_candidates", lambda c: 8),
     # before per-field calibration every field used the absolute margins: no field calibrates
     ("scio.false_flag_rate", lambda c: 0.02),
     ("scio.calibration_min_rows", lambda c: 2**31 - 1),

@@ -126,9 +126,9 @@ def test_gpu_step_set_overrides():
 
 def test_scio_discrimination_scores_each_planted_clause_against_the_true_caption(smoke_run,
                                                                                  data_dir):
-  """bench/scio.py's ceiling table: one row per sampled planted clause, under its field; a
-  "planted" value equal to the true one is never scored higher (the wrong caption is built from
-  the planted value, not read from elsewhere)."""
+  """bench/scio.py's ceiling table: one row per sampled planted clause, under its field (whole
+  caption and clause alone); a "planted" value equal to the true one is never scored higher
+  (the wrong caption is built from the planted value, not read from elsewhere)."""
   from bench import scio_quality as quality  # pylint: disable=g-import-not-at-top
   workdir, _ = smoke_run
   config = smoke_config(data_dir)
@@ -139,7 +139,7 @@ def test_scio_discrimination_scores_each_planted_clause_against_the_true_caption
   assert sum(len(rows) for rows in out.values()) == min(40, len(planted))
   for name, rows in out.items():
     assert name in caption_lib.OBSERVABLE_FIELDS
-    assert rows.shape[1] == 2
+    assert rows.shape[1] == 4  # whole caption, then the clause alone: cosine, match
   every = np.concatenate(list(out.values()))
   assert 0 < every[:, 0].mean() < 1
   for i, k in planted:  # plant the true values: nothing to tell apart

@@ -34,9 +34,9 @@ def test_max_len_holds_whole_captions(variant, captions, tmp_path):
 
 def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
   """Runs recorded before fusion_layers, decoder (and its context), attention, stem, pool,
-  posemb, match_cosine, fill_candidates and keep_period existed read with the values they ran
-  with, so model and SCIO code read every field directly (a misspelt one fails where it is
-  read)."""
+  posemb, match_cosine, fill_candidates, the SCIO screen and keep_period existed read with the
+  values they ran with, so model and SCIO code read every field directly (a misspelt one fails
+  where it is read)."""
   import json  # pylint: disable=g-import-not-at-top
   from klip import provenance  # pylint: disable=g-import-not-at-top
   today = json.loads(pretrain.get_config("smoke").to_json())
@@ -45,6 +45,7 @@ def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
   del old["model"]["attention"], old["model"]["stem"]
   del old["model"]["pool"], old["model"]["posemb"], old["model"]["match_cosine"]
   del old["scio"]["fill_candidates"], old["checkpoint"]["keep_period"]
+  del old["scio"]["screen"], old["scio"]["screen_candidates"]
   del old["scio"]["false_flag_rate"], old["scio"]["calibration_min_rows"]
   del old["loss"]["reconstruct_mask_p"], old["loss"]["reconstruct_random_p"]
   (tmp_path / "config.json").write_text(json.dumps({"config": old, "history": []}))
@@ -59,6 +60,7 @@ def test_a_config_json_from_before_added_fields_reads_as_todays(tmp_path):
                                                                            False)
   assert read.scio.fill_candidates == 0 and read.checkpoint.keep_period == 0
   assert read.model.decoder.context == "caption"  # their decoder read the whole caption
+  assert read.scio.screen == "leave_one_out"  # their SCIO screened the method's way
   ran_with = dict(today["model"], pool="cls", posemb="learned", match_cosine=False,
                   decoder=dict(today["model"]["decoder"], context="caption"))
   assert json.loads(read.model.to_json()) == ran_with  # smoke's model is the defaults'

@@ -21,6 +21,7 @@ from klip.data import pipeline
 from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
+from klip.scio import clauses
 from klip.scio import rescore
 from klip.scio import schedule
 from klip.scio import table as table_lib
@@ -29,7 +30,7 @@ from klip.data import values as values_lib
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
             reconstruct_from_fraction=0.5, false_flag_rate=0.02, calibration_min_rows=16,
             margin_cosine=0.0, margin_match=0.0, weight_floor=0.5, max_span=6,
-            fill_candidates=0, initial_table="")
+            fill_candidates=0, initial_table="", screen="leave_one_out", screen_candidates=8)
 
 
 @pytest.fixture(scope="module")
@@ -551,6 +552,93 @@ def test_reconstruct_candidates_from_the_value_pool(source, tok, data_dir, n_val
     assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
 
 
+# ----- the clause screen -------------------------------------------------------------------------
+def test_clause_rises_map_the_judged_slots_to_their_clauses_and_fields():
+  rivals = 3
+  cos = np.zeros((2, clauses.SLOTS, 1 + rivals), np.float32)
+  cos[:, :, 0] = 0.5                 # every own clause scores 0.5 by cosine
+  cos[0, 1, 2] = 0.9                 # row 0: slot 1's second rival scores higher
+  cos[1, 4, 1], cos[1, 4, 3] = 0.6, 0.7
+  match = cos * 0.5
+  rise, rival, field = clauses.rises(cos.reshape(2, -1), match.reshape(2, -1),
+                                     ["target", "landform"])
+  target, landform = clauses.JUDGED["target"], clauses.JUDGED["landform"]
+  assert rise.shape == (2, caption_lib.CLAUSES, 2)
+  np.testing.assert_allclose(rise[0, target[1]], [0.4, 0.2], atol=1e-6)
+  np.testing.assert_allclose(rise[1, landform[4]], [0.2, 0.1], atol=1e-6)
+  assert rival[0, target[1]] == 2 and rival[1, landform[4]] == 3
+  # only the observable clauses are judged, each with its field's index
+  for r, family in enumerate(["target", "landform"]):
+    judged = field[r] >= 0
+    assert [caption_lib.FAMILIES[family][k] for k in np.flatnonzero(judged)] == [
+        f for f in caption_lib.FAMILIES[family] if f in caption_lib.OBSERVABLE_FIELDS]
+    assert [rescore.FIELDS[f] for f in field[r][judged]] == [
+        caption_lib.FAMILIES[family][k] for k in np.flatnonzero(judged)]
+    assert np.all(rise[r][~judged] == 0)
+  # a process whose share of a chunk is empty
+  empty = clauses.rises(np.zeros((0, cos[0].size)), np.zeros((0, cos[0].size)), [])
+  assert [x.shape for x in empty] == [(0, caption_lib.CLAUSES, 2), (0, caption_lib.CLAUSES),
+                                      (0, caption_lib.CLAUSES)]
+  with pytest.raises(ValueError, match="scio.screen='leave-one-out'"):
+    clauses.check("leave-one-out")
+
+
+def test_clause_options_pair_each_observable_clause_with_its_fields_frequent_values(tok):
+  sts = [text_lib.compose("target", (n, "at the centre", "bright", "30 m", c, "single", "sea",
+                                     "land")) for n, c in (("2", "ship"), ("2", "ship"),
+                                                           ("1", "tank"), ("3", "ship"))]
+  pool = values_lib.ValuePool.from_texts(sts)
+  tokens, values = clauses.options(tok, sts[2], pool, 2, 24)
+  assert tokens.shape == (clauses.SLOTS * 3, 24)
+  count = clauses.JUDGED["target"].index(0)
+  assert values[count] == ["1", "2", "3"]  # its own value, then the others by frequency
+  category = clauses.JUDGED["target"].index(4)
+  assert values[category] == ["tank", "ship", "tank"]  # one rival: the own value repeated
+  assert tok.decode(tokens[3 * category + 1]).strip() == (
+      caption_lib.PREFIXES["category"] + "ship").strip()
+
+
+def test_clause_screen_flags_planted_clauses_and_rewrites_them_to_their_best_rival(
+    source, tok, data_dir):
+  """With an oracle that scores a text by the share of its clauses true of the image, the
+  clause screen flags exactly the planted clauses whose true value is among the rivals it
+  tries, and the reconstruct stage writes that value back."""
+  prep = _preprocess(tok, smoke_config(data_dir))
+  values = [schema.structured_text(source[i]) for i in range(len(source))]
+  pool = values_lib.ValuePool.from_texts(values)
+  table, truth, plants = _table(source, data_dir), {}, {}
+  rng = np.random.default_rng(0)
+  for i in range(64):
+    st = values[i]
+    truth[prep.random_map((i, source[i]), None)["image"].tobytes()] = st
+    k = int(rng.choice(clauses.JUDGED[st.family]))
+    wrong = pool.others(st, k, 1)  # the field's most frequent other value
+    if rng.random() < 0.5 and wrong:
+      plants[i] = k
+      table.rewrites[i] = {k: wrong[0]}
+  findable = {i: k for i, k in plants.items() if values[i].values[k] in pool.others(
+      table_lib.rewritten(values[i], table.rewrites[i]), k, 8)}
+  oracle = OracleScorer(tok, truth, 1000)
+  cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.02,
+                                       margin_match=0.02, screen="clause"))
+  run = lambda stage: rescore.run_pass(table, source, prep, tok, oracle.score, None,  # noqa: E731
+                                       stage=stage, cfg=cfg, max_len=1000, pool=pool,
+                                       clause_len=64)
+  proof, result = run(rescore.Stage.PROOFREAD)
+  found = {int(i): int(k) for i, k in zip(result.rows, result.flagged) if k >= 0}
+  assert len(findable) >= 8 and found == findable
+  assert all(proof.dropped[i] == k for i, k in findable.items()) and not proof.rewrites.keys() - (
+      table.rewrites.keys())
+  fixed, result = run(rescore.Stage.RECONSTRUCT)
+  assert result.rewritten.sum() == len(findable)
+  for i, k in findable.items():
+    assert fixed.rewrites[i] == {k: values[i].values[k]} and fixed.dropped[i] == -1
+    assert fixed.weight[i] == 1.0  # the oracle fully agrees with the rewritten caption
+  with pytest.raises(ValueError, match="clause_max_len"):
+    rescore.run_pass(table, source, prep, tok, oracle.score, None, cfg=cfg, max_len=1000,
+                     stage=rescore.Stage.PROOFREAD, pool=pool)
+
+
 # ----- the real model: sharded pass equals unsharded ---------------------------------------------
 def _scorer_on_mesh(config, tok, dims, devices):
   """(ModelScorer, train state) of a fresh model on a mesh (no mesh context needed)."""
@@ -570,7 +658,8 @@ def _pass_on_mesh(config, source, tok, dims, devices):
   table, result = rescore.run_pass(
       table_lib.PairTable.initial("d", table_lib.read_id_hashes(source)), source,
       _preprocess(tok, config), tok, scorer.score, None,
-      stage=rescore.Stage.PROOFREAD, cfg=config.scio, max_len=64)
+      stage=rescore.Stage.PROOFREAD, cfg=config.scio, max_len=64,
+      pool=values_lib.ValuePool.from_source(source), clause_len=config.loss.clause_max_len)
   return cosine, match, table, result
 
 
@@ -588,8 +677,9 @@ def test_scorer_compiles_without_ynnpack_fusions_on_cpu(tok, data_dir):
   assert ynn(scorer.inference.jitted(inference.variant_logprobs, 4, 3)) == 0
 
 
-def test_rescoring_pass_sharded_equals_unsharded(source, tok, data_dir):
-  config = smoke_config(data_dir, **{f"scio.{k}": v for k, v in SCIO.items()})
+@pytest.mark.parametrize("screen", clauses.SCREENS)
+def test_rescoring_pass_sharded_equals_unsharded(source, tok, data_dir, screen):
+  config = smoke_config(data_dir, **{f"scio.{k}": v for k, v in dict(SCIO, screen=screen).items()})
   one = _pass_on_mesh(config, source, tok, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   eight = _pass_on_mesh(config, source, tok, dict(data=2, fsdp=2, tensor=2), jax.devices())
   for a, b in zip(one[:2], eight[:2]):

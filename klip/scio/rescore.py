@@ -1,21 +1,26 @@
-"""The SCIO rescoring pass: score leave-one-clause-out captions, screen, proofread, reconstruct.
+"""The SCIO rescoring pass: score each pair's clauses, screen, proofread, reconstruct.
 
-For each pair the full caption (rewrites applied, nothing dropped) and its K leave-one-clause-
-out variants are scored with `predict.score` (cosine and ITM match probability) by one jitted
-function sharded like the train step: the image side is computed once per image and reused for
-its K + 1 texts. The decisions are made on the host:
+For each pair the full caption (rewrites applied, nothing dropped) and, by `scio.screen`, its K
+leave-one-clause-out variants ("leave_one_out", the method's) or its observable clauses alone
+each against its field's frequent other values ("clause", `klip/scio/clauses.py`) are scored
+with `predict.score` (cosine and ITM match probability) by one jitted function sharded like the
+train step: the image side is computed once per image and reused for its texts. A clause's
+*rise* is what both scores gain when it goes (leave-one-out) or when its best rival replaces it
+(clause). The decisions are made on the host:
 
-  screen       the clause whose removal raises BOTH scores by more than its field's margins;
-               among several, the one furthest past them in its field's spreads; else none.
+  screen       the clause whose rise is above its field's margins in BOTH scores; among
+               several, the one furthest past them in its field's spreads; else none.
   proofread    the flagged clause is dropped from the training caption, and the pair weight is
                floor + (1 - floor) * match probability of the kept caption (`scio.weight_floor`):
                pairs the model still finds inconsistent count less, never below the floor.
-  reconstruct  (last stage) the flagged value span is refilled greedily by `predict.fill_span`;
-               with `scio.fill_candidates` = N > 0 the field's N most frequent other values
-               (`values.ValuePool`) compete with that fill, and the decoder's log-likelihood of
-               each whole caption (`predict.text_logprob`) picks one. The rewrite is kept only
-               if the rewritten caption beats the original on both scores, and then the clause
-               is no longer dropped.
+  reconstruct  (last stage) with the clause screen, the flagged clause takes its best rival's
+               value, which beat it past the margins. With leave-one-out, the value span is
+               refilled greedily by `predict.fill_span`; with `scio.fill_candidates` = N > 0
+               the field's N most frequent other values (`values.ValuePool`) compete with that
+               fill, and the decoder's log-likelihood of each whole caption
+               (`predict.text_logprob`) picks one; the rewrite is kept only if the rewritten
+               caption beats the original on both scores. A kept rewrite's clause is no longer
+               dropped.
 
 The margins are per field (clause k of a caption is field `caption.FAMILIES[family][k]`; a
 field two families share is one field) and calibrated on every pass, because a field's rises
@@ -66,6 +71,7 @@ from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import values as values_lib
 from klip.data.caption import DEC, PAD, TEMPLATE
+from klip.scio import clauses
 from klip.scio import table as table_lib
 
 
@@ -84,9 +90,8 @@ class Stage(enum.IntEnum):
 # ---------------------------------------------------------------------------------------------
 # Decisions (host, numpy).
 # ---------------------------------------------------------------------------------------------
-# Every field of every family in caption order, a field two families share once: the screen's
-# margins are per field, and FIELD_OF[family][k] is the field of clause k.
-FIELDS = tuple(dict.fromkeys(f for names in caption_lib.FAMILIES.values() for f in names))
+# The screen's margins are per field; FIELD_OF[family][k] is the field of clause k.
+FIELDS = clauses.FIELDS
 FIELD_OF = {family: np.array([FIELDS.index(f) for f in names], np.int32)
             for family, names in caption_lib.FAMILIES.items()}
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
@@ -372,7 +377,7 @@ def _gathered(processes: inference_lib.Processes, x: np.ndarray, capacity: int,
 def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: ScoreFn,
              fill: FillFn | None, *, stage: Stage, cfg, max_len: int,
              rank: RankFn | None = None, pool: values_lib.ValuePool | None = None,
-             after_chunk: Callable[[], None] | None = None,
+             clause_len: int = 0, after_chunk: Callable[[], None] | None = None,
              processes: inference_lib.Processes | None = None):
   """Rescores the next slice of `table`; returns (table version + 1, PassResult).
 
@@ -380,7 +385,10 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
   score(images, texts [n, V, L]) -> (cosine, match) [n, V]; fill(images, ids, clause, k) ->
   (ids, clause) as `predict.fill_span`, used in the RECONSTRUCT stage, with rank(images,
   texts [n, V, L]) -> decoder log-likelihoods [n, V] and the value `pool` when
-  `cfg.fill_candidates` > 0. Chunks have `cfg.batch_size` rows (the last one padded).
+  `cfg.fill_candidates` > 0. With `cfg.screen` "clause" (`clauses`), score also takes each
+  row's clauses alone ([n, V, clause_len]) against the value `pool`'s rivals, and the flagged
+  clause's best rival is the rewrite (no fill, no rank). Chunks have `cfg.batch_size` rows (the
+  last one padded).
   `after_chunk` runs after each scored chunk (the trainer's fault hook).
 
   With several processes (`processes`, default this run's) every process calls this with the
@@ -391,9 +399,15 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
   image does not decode or whose caption is malformed is skipped, counted and logged.
   """
   n_values = int(cfg.fill_candidates)
-  if stage == Stage.RECONSTRUCT and n_values and (rank is None or pool is None):
+  by_clause = clauses.check(cfg.screen) == "clause"
+  if by_clause and (pool is None or clause_len <= 0):
+    raise ValueError("scio.screen='clause' needs the value pool and the clause length "
+                     f"(loss.clause_max_len > 0), got clause_len={clause_len}")
+  if (stage == Stage.RECONSTRUCT and n_values and not by_clause
+      and (rank is None or pool is None)):
     raise ValueError(f"scio.fill_candidates={n_values} needs the decoder's ranking function "
                      "and the value pool")
+  width = clauses.SLOTS * (1 + int(cfg.screen_candidates))
   processes = processes or inference_lib.Processes()
   per = processes.local_batch(cfg.batch_size)
   image_shape = (preprocess.image_size, preprocess.image_size, preprocess.channels)
@@ -408,10 +422,22 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
     kept, images, texts, full, sts, bad_image, bad_text = _read(own, table, source, preprocess,
                                                                tokenizer, max_len)
     unreadable, malformed, n = unreadable + bad_image, malformed + bad_text, len(kept)
-    cosine, match = (x[:n] for x in score(_padded(images, per, image_shape, np.float32),
-                                          _padded(texts, per, (caption_lib.CLAUSES + 1,
-                                                               max_len), np.int32)))
-    chunks.append((own[kept], rises(cosine, match), _fields(sts, full), cosine, match))
+    images = _padded(images, per, image_shape, np.float32)
+    if by_clause:  # the full caption, then every judged clause and its rivals alone
+      cosine, match = (x[:n] for x in score(images, _padded([t[:1] for t in texts], per,
+                                                            (1, max_len), np.int32)))
+      opts = [clauses.options(tokenizer, st, pool, cfg.screen_candidates, clause_len)
+              for st in sts]
+      c_cos, c_match = (x[:n] for x in score(images, _padded([o[0] for o in opts], per,
+                                                             (width, clause_len), np.int32)))
+      rise, rival, field = clauses.rises(c_cos, c_match, [st.family for st in sts])
+      chosen = [{k: clauses.rival_value(o[1], st.family, k, rival[r, k])
+                 for k in clauses.JUDGED[st.family]} for r, (st, o) in enumerate(zip(sts, opts))]
+    else:
+      cosine, match = (x[:n] for x in score(images, _padded(texts, per, (caption_lib.CLAUSES + 1,
+                                                                         max_len), np.int32)))
+      rise, field, chosen = rises(cosine, match), _fields(sts, full), None
+    chunks.append((own[kept], rise, field, cosine, match, chosen))
     if after_chunk is not None:
       after_chunk()
   # Calibration: every process's rises, so that every process computes the same margins.
@@ -422,13 +448,31 @@ def run_pass(table: table_lib.PairTable, source, preprocess, tokenizer, score: S
                           min_rows=cfg.calibration_min_rows)
   # Decisions, chunk by chunk.
   done, flagged, accepted, scores, rewrites = [], [], [], [], {}
-  for own, rise, field, cosine, match in chunks:
+  for own, rise, field, cosine, match, chosen in chunks:
     n = len(own)
     flag = screen(rise, field, margins)
-    take = np.where(flag >= 0, flag + 1, 0)
+    take = np.zeros(n, np.int64) if by_clause else np.where(flag >= 0, flag + 1, 0)
     kept_scores = np.stack([cosine[np.arange(n), take], match[np.arange(n), take]], axis=1)
     taken = np.zeros(n, bool)
-    if stage == Stage.RECONSTRUCT and processes.any(np.any(flag >= 0)):
+    if by_clause and processes.any(np.any(flag >= 0)):
+      # the kept captions (without the flagged clause, or with its best rival) scored whole,
+      # for the pair weight and the table
+      _, images, texts, _, sts, _, _ = _read(own, table, source, preprocess, tokenizer,
+                                             max_len)
+      kept_texts = np.zeros((per, 1, max_len), np.int32)
+      for r in range(n):
+        kept_texts[r, 0] = texts[r][flag[r] + 1]  # flag -1: the full caption
+        value = chosen[r].get(int(flag[r]))
+        if stage == Stage.RECONSTRUCT and value is not None and value != sts[r].values[flag[r]]:
+          rewrite = table_lib.rewritten(sts[r], {int(flag[r]): value})
+          kept_texts[r, 0] = tokenizer.encode_caption(rewrite, max_len)[0]
+          taken[r] = True
+          rewrites[int(own[r])] = (int(flag[r]), value)
+      cos_k, match_k = (x[:n, 0] for x in score(_padded(images, per, image_shape, np.float32),
+                                                kept_texts))
+      kept_scores = np.where((flag >= 0)[:, None], np.stack([cos_k, match_k], axis=1),
+                             kept_scores)
+    elif stage == Stage.RECONSTRUCT and processes.any(np.any(flag >= 0)):
       # the chunk's records again (they read as before: the evaluation preprocessing)
       _, images, texts, full, sts, _, _ = _read(own, table, source, preprocess, tokenizer,
                                                 max_len)

@@ -10,8 +10,8 @@ table and the switch position are saved in the model's checkpoint step (`payload
 run makes the same switch at the same step.
 
 No process reads the whole split: each reads the example ids of its share of the records (for
-the initial table) and counts the values of its share (for reconstruct's value pool), and the
-processes exchange the results.
+the initial table) and counts the values of its share (the value pool of the clause screen and
+of reconstruct's candidates), and the processes exchange the results.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from klip import inference as inference_lib
 from klip import optim
 from klip.data import values as values_lib
+from klip.scio import clauses
 from klip.scio import rescore
 from klip.scio import table as table_lib
 
@@ -64,13 +65,16 @@ class Controller:
     self._cfg = config.scio
     self._schedule_steps = optim.schedule_steps(config)
     self._max_len = config.model.text.max_len
+    self._clause_len = config.loss.clause_max_len
     self._source = source
     self._tokenizer = tokenizer
     self._preprocess = dataclasses.replace(preprocess, train=False, table=None, negatives=None,
                                            clause_len=0)
     self.enabled = bool(self._cfg.enabled)
+    if self.enabled:
+      clauses.check(self._cfg.screen)
     self.pass_seconds = 0.0
-    self._pool = None  # values.ValuePool, counted at the first reconstruct pass that needs it
+    self._pool = None  # values.ValuePool, counted at the first pass that needs it
     self.active = self.pending = None
     self.pending_from = 0
     if not self.enabled:
@@ -122,14 +126,15 @@ class Controller:
     # asynchronous); their time is training's, not the pass's.
     jax.block_until_ready(state)
     start = time.time()
-    if stage == rescore.Stage.RECONSTRUCT and self._cfg.fill_candidates and \
-        self._pool is None:
+    needs_pool = self._cfg.screen == "clause" or (stage == rescore.Stage.RECONSTRUCT
+                                                  and self._cfg.fill_candidates)
+    if needs_pool and self._pool is None:
       self._pool = value_pool(self._source, inference.processes)
     scorer = rescore.ModelScorer(inference, state, max_span=self._cfg.max_span)
     table, result = rescore.run_pass(
         base, self._source, self._preprocess, self._tokenizer, scorer.score, scorer.fill,
         stage=stage, cfg=self._cfg, max_len=self._max_len, rank=scorer.rank, pool=self._pool,
-        after_chunk=after_chunk, processes=scorer.processes)
+        clause_len=self._clause_len, after_chunk=after_chunk, processes=scorer.processes)
     result = dataclasses.replace(result, seconds=time.time() - start)  # the pool counted in
     if self.pending is None:  # the next epoch boundary (or this one); a newer pending table
       self.pending_from = -(-examples_seen // len(table)) * len(table)  # keeps the old one's
