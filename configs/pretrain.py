@@ -104,15 +104,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # margin_match, which a field with fewer than calibration_min_rows rows in the pass uses
   # alone: klip/scio/rescore.py), proofreads (drops the flagged clause, weight = weight_floor +
   # (1 - weight_floor) * match probability) and, from reconstruct_from_fraction of total_steps
-  # on, refills the flagged value span (at most max_span tokens; with fill_candidates = N > 0
-  # the field's N most frequent other values compete with the fill, ranked by the decoder's
-  # log-likelihood of the caption: klip/data/values.py). A new table takes effect at
-  # the next epoch boundary. initial_table: a JSON pair table to start from instead of the
-  # clean one. screen: what the rises above are, "leave_one_out" (the method: the caption
-  # without each clause against the whole) or "clause" (each observable clause alone,
-  # `loss.clause_max_len` tokens as the clause contrast trains it, against the same clause with
-  # each of its field's screen_candidates most frequent other values; the flagged clause's best
-  # rival is its rewrite, no decoder fill: klip/scio/clauses.py).
+  # on, with the leave-one-out screen, refills the flagged value span (at most max_span tokens;
+  # with fill_candidates = N > 0 the field's N most frequent other values compete with the
+  # fill, ranked by the decoder's log-likelihood of the caption: klip/data/values.py). A new
+  # table takes effect at the next epoch boundary. initial_table: a JSON pair table to start
+  # from instead of the clean one. screen: what the rises above are, "leave_one_out" (the
+  # method: the caption without each clause against the whole) or "clause" (each observable
+  # clause alone, `loss.clause_max_len` tokens as the clause contrast trains it, against the
+  # same clause with each of its field's screen_candidates most frequent other values; the
+  # flagged clause's best rival is its rewrite, no decoder fill: klip/scio/clauses.py).
   c.scio = dict(enabled=variant != "smoke", every_steps=50, slice_size=64, batch_size=64,
                 warmup_fraction=1 / 3, reconstruct_from_fraction=2 / 3, false_flag_rate=0.02,
                 calibration_min_rows=16, margin_cosine=0.01, margin_match=0.02,

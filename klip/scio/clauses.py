@@ -11,7 +11,11 @@ and the match probability of the same rival (the rival with the higher cosine), 
 `rescore.field_margins` and `rescore.screen` calibrate and flag these rises as they do the
 leave-one-out ones. A flagged clause is dropped (proofread) and, in the reconstruct stage,
 rewritten to that rival. Only the fields the pixels can show (`caption.OBSERVABLE_FIELDS`) are
-judged: a place name's rivals score what the image cannot tell.
+judged: a place name's rivals score what the image cannot tell. The clause contrast trains the
+cosine of a clause alone; the matching head never sees one in training, but its logit adds the
+pair's scaled cosine (`model.match_cosine`), and on `tiny` it told planted values from true
+ones as often as the cosine did (README, "The clause screen"). The trainer refuses the clause
+screen when the clause contrast is off (`check`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,21 @@ def check(screen: str) -> str:
   if screen not in SCREENS:
     raise ValueError(f"scio.screen={screen!r}: expected one of {SCREENS}")
   return screen
+
+
+def check_config(config) -> None:
+  """Raises ValueError, at the start of a run, for a SCIO config the screen cannot work with."""
+  if check(config.scio.screen) != "clause":
+    return
+  if config.scio.screen_candidates < 1:
+    raise ValueError(f"scio.screen_candidates={config.scio.screen_candidates}: the clause "
+                     "screen needs at least one rival a clause")
+  if config.loss.clause_contrast_weight <= 0 or config.loss.clause_max_len <= 0:
+    raise ValueError(
+        "scio.screen='clause' scores clauses alone, which the clause contrast trains, but "
+        f"loss.clause_contrast_weight={config.loss.clause_contrast_weight} and "
+        f"loss.clause_max_len={config.loss.clause_max_len}: turn the clause contrast on or set "
+        "scio.screen=leave_one_out")
 
 
 def options(tokenizer, st: text_lib.StructuredText, pool: values_lib.ValuePool,

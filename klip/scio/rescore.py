@@ -4,7 +4,8 @@ For each pair the full caption (rewrites applied, nothing dropped) and, by `scio
 leave-one-clause-out variants ("leave_one_out", the method's) or its observable clauses alone
 each against its field's frequent other values ("clause", `klip/scio/clauses.py`) are scored
 with `predict.score` (cosine and ITM match probability) by one jitted function sharded like the
-train step: the image side is computed once per image and reused for its texts. A clause's
+train step: in each call the image side is computed once per image and reused for its texts
+(the clause screen makes two calls a chunk, full captions and clauses). A clause's
 *rise* is what both scores gain when it goes (leave-one-out) or when its best rival replaces it
 (clause). The decisions are made on the host:
 
@@ -42,15 +43,16 @@ margins):
 
 So about `rate` of a field's clean pairs are flagged: `rate` for normal rises whose two scores
 move together, 0.75-0.9 * rate (rates of 1-10 %) for independent ones; the floors only lower
-it, and so do noisy pairs where they widen the estimates. A caption has eight fields, so about
-1 - (1 - rate)^8 of clean captions lose one clause. A field with fewer than
-`scio.calibration_min_rows` judged rows in the pass (a clause cut off by the token budget is
-not judged) uses the floors alone (and its rises rank in raw units). Each pass reports the margins
-it used (`PassResult.margins`, metrics `scio/margin_cosine/FIELD`, `scio/margin_match/FIELD`,
-`scio/calibrated_fields`).
+it, and so do noisy pairs where they widen the estimates. A caption has eight fields, five of
+them judged by the clause screen, so about 1 - (1 - rate)^8 (or ^5) of clean captions lose one
+clause. A field with fewer than `scio.calibration_min_rows` judged rows in the pass (with
+leave-one-out, a clause cut off by the token budget is not judged) uses the floors alone (and
+its rises rank in raw units). Each pass reports the margins it used (`PassResult.margins`,
+metrics `scio/margin_cosine/FIELD`, `scio/margin_match/FIELD`, `scio/calibrated_fields`).
 
-The pass scores all its chunks first, calibrates, then decides per chunk; the reconstruct
-stage reads a chunk's records again for the fill rather than holding every image of the pass.
+The pass scores all its chunks first, calibrates, then decides per chunk; a chunk with a
+flagged clause (clause screen) or in the reconstruct stage reads its records again for the kept
+captions and the fill rather than holding every image of the pass.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _robust(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class Margins:
   """The screen's margins for each field of FIELDS."""
-  value: np.ndarray       # float [F, 2] (cosine, match) rises a clause's removal must exceed
+  value: np.ndarray       # float [F, 2] (cosine, match) rises a flagged clause must exceed
   scale: np.ndarray       # float [F, 2] the rises' robust spread (1 where not calibrated)
   calibrated: np.ndarray  # bool [F] calibrated on the pass's rows (False: the floors)
 
@@ -147,9 +149,9 @@ def field_margins(rise: np.ndarray, field: np.ndarray, *, rate: float, floor: tu
 
 
 def passing(rise: np.ndarray, field: np.ndarray, margins: Margins) -> np.ndarray:
-  """bool [n, K]: clause k's removal raises both scores past its field's margins, from the
-  rises [n, K, 2] (`rises`) and the field of each clause [n, K] (-1: not judged, never
-  passes)."""
+  """bool [n, K]: clause k's rise passes its field's margins in both scores, from the rises
+  [n, K, 2] (`rises` or `clauses.rises`) and the field of each clause [n, K] (-1: not judged,
+  never passes)."""
   value = np.where((field >= 0)[..., None], margins.value[field], np.inf)
   return np.all(rise > value, axis=-1)
 

@@ -72,7 +72,7 @@ class Controller:
                                            clause_len=0)
     self.enabled = bool(self._cfg.enabled)
     if self.enabled:
-      clauses.check(self._cfg.screen)
+      clauses.check_config(config)
     self.pass_seconds = 0.0
     self._pool = None  # values.ValuePool, counted at the first pass that needs it
     self.active = self.pending = None
