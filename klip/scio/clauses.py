@@ -15,7 +15,7 @@ judged: a place name's rivals score what the image cannot tell. The clause contr
 cosine of a clause alone; the matching head never sees one in training, but its logit adds the
 pair's scaled cosine (`model.match_cosine`), and on `tiny` it told planted values from true
 ones as often as the cosine did (README, "The clause screen"). The trainer refuses the clause
-screen when the clause contrast is off (`check`).
+screen when the clause contrast is off (`check_config`).
 """
 
 from __future__ import annotations
