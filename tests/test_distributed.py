@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from conftest import smoke_config
-from test_scio import saved_tables
+from scio_support import saved_tables
 from klip import checkpoint as checkpoint_lib
 from klip import distributed
 from klip import faults

@@ -25,7 +25,7 @@ from klip import checkpoint as checkpoint_lib
 from klip import faults
 from klip import metrics_writer
 from klip import train
-from test_scio import SCIO, saved_tables
+from scio_support import SCIO, saved_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
