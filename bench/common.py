@@ -93,7 +93,7 @@ def variant_config(variant: str, **overrides):
 def synthetic_batch(config, seed: int = 0, batch: int | None = None) -> dict:
   """A batch as `klip.data.pipeline` makes it: images in [-1, 1], [ENC]-first token ids with
   no padding, eight value spans of 3 tokens (clause ids 0-7), unit weights; with clause
-  contrast on, `clause_tokens`."""
+  contrast on, `clause_tokens` (and its rivals with `loss.clause_rivals`)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   m = config.model
   b = batch or config.batch_size
@@ -112,6 +112,11 @@ def synthetic_batch(config, seed: int = 0, batch: int | None = None) -> dict:
            "valid": np.ones(b, np.int32), "index": np.arange(b, dtype=np.int32)}
   if config.loss.clause_contrast_weight:  # one clause alone: its first clause_max_len tokens
     batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
+    if config.loss.clause_rivals:  # ... and that clause with other values
+      rivals = np.repeat(batch["clause_tokens"][:, None], config.loss.clause_rivals, axis=1)
+      rivals[..., -3:] = rng.integers(6, m.text.vocab_size, rivals[..., -3:].shape)
+      batch.update(rival_tokens=rivals,
+                   has_rival=np.ones((b, config.loss.clause_rivals), np.int32))
   if config.loss.clause_negatives and config.loss.match_weight:  # one value span swapped
     swap = tokens.copy()
     swap[clause == 0] = rng.integers(6, m.text.vocab_size, int(np.sum(clause == 0)))

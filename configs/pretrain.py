@@ -86,14 +86,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # (klip/data/negatives.py), for SCIO's screening; it costs one more text pass.
   # clause_contrast_weight: contrast of each image with one of its observable clauses alone
   # ("the targets are classified as ...", the form of a zero-shot prompt; images whose drawn
-  # clause reads the same are positives too), clause_max_len tokens long.
+  # clause reads the same are positives too), clause_max_len tokens long; clause_rivals: that
+  # clause also ranked above itself with up to this many other values of its field, drawn
+  # from the training captions (klip/data/negatives.py; 0: off), under the same weight.
   # reconstruct_mask_p / reconstruct_random_p: the shares of the decoder's input value tokens
   # replaced by [MASK] / a random piece. The method's 0.5 / 0.1 trains the decoder on inputs
   # that generation, which feeds back its own clean tokens, never shows it; 0 / 0 (teacher
   # forcing, BLIP's captioner) wrote fields right where 0.5 / 0.1 looped (bench/README.md).
   c.loss = dict(contrast_weight=1.0, match_weight=1.0, reconstruct_weight=1.0,
                 reconstruct_mask_p=0.0, reconstruct_random_p=0.0,
-                clause_contrast_weight=1.0, clause_max_len=48,
+                clause_contrast_weight=1.0, clause_max_len=48, clause_rivals=0,
                 contrast_type="softmax", label_smoothing=0.1, clause_negatives=False,
                 momentum=dict(enabled=False, decay=0.995, queue_size=4096, alpha=0.4))
   # SCIO (method.md §3-4): after the warm-up (full captions), every `every_steps` steps a

@@ -37,6 +37,7 @@ from klip import train  # noqa: F401  # defines --config, whose train step this 
 from klip import train_state
 from klip import train_step
 from klip.data import pipeline
+from klip.data import values as values_lib
 from klip.model import layers
 
 _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices (CPU estimate).")
@@ -75,7 +76,8 @@ def batch_specs(config, mesh, rules) -> dict:
   preprocess = pipeline.Preprocess(
       tokenizer_path="", image_size=config.model.image_size, channels=config.model.channels,
       max_len=config.model.text.max_len, db_min=d.db_min, db_max=d.db_max, train=True,
-      clause_len=objectives.clause_tokens_len(config))
+      clause_len=objectives.clause_tokens_len(config), swap=objectives.swaps(config),
+      rivals=objectives.clause_rival_count(config), pool=values_lib.ValuePool({}))
   root = logging.getLogger()
   level = root.level
   root.setLevel(logging.ERROR)  # an unreadable record is logged; here it is the point

@@ -73,6 +73,27 @@ def clause_contrastive(zimg, zclause, scale, weights, clause_tokens):
                 "clause_contrast/i2t_accuracy": m["contrast/i2t_accuracy"]}
 
 
+def clause_rivals(zimg, zclause, zrivals, scale, weights, has_rival):
+  """Softmax cross-entropy of each image's clause against the same clause with other values
+  of its field (`klip/data/negatives.py` rivals): the image must score "the targets are
+  classified as ship" above "... as vehicle", the choice a zero-shot classifier makes.
+
+  zclause: [B, E] unit clause embeddings; zrivals: [B, R, E] its rivals'; has_rival: [B, R]
+  (0: padding, left out). A row without rivals adds no loss (one admissible column).
+  """
+  own = jnp.sum(zimg * zclause, axis=-1, keepdims=True)
+  rivals = jnp.einsum("be,bre->br", zimg, zrivals, preferred_element_type=jnp.float32)
+  logits = scale * jnp.concatenate([own, rivals], axis=1)
+  ok = jnp.concatenate([jnp.ones_like(own, bool), has_rival > 0], axis=1)
+  logits = jnp.where(ok, logits, _NEG)
+  nll = -jax.nn.log_softmax(logits, axis=1)[:, 0]
+  active = (weights > 0) & jnp.any(has_rival > 0, axis=1)
+  loss = _weighted_mean(jnp.where(active, nll, 0.0), jnp.where(active, weights, 0.0))
+  correct = (jnp.argmax(logits, axis=1) == 0).astype(jnp.float32)
+  return loss, {"clause_rivals/loss": loss,
+                "clause_rivals/accuracy": _weighted_mean(correct, active * 1.0)}
+
+
 def sigmoid_contrastive(zimg, ztxt, scale, bias, weights):
   """SigLIP: every pair is an independent binary match, no softmax over the batch."""
   logits = scale * jnp.einsum("ie,te->it", zimg, ztxt, preferred_element_type=jnp.float32) + bias

@@ -5,6 +5,8 @@ feature queue with momentum distillation (`loss.momentum.enabled`). Match (ITM):
 plus one hard negative text per image and one hard negative image per text, all three kinds of
 pair scored in one batched pass of the fusion blocks (with `loss.clause_negatives`, also each
 image with its own caption, one observable value swapped, ranked below the caption).
+Clause contrast: each image against one of its clauses alone (in-batch), and with
+`loss.clause_rivals` that clause against itself with other values of its field.
 Reconstruct: the image-conditioned decoder predicts the value-span tokens from the caption, its
 input value tokens corrupted at `loss.reconstruct_mask_p` / `reconstruct_random_p` (0: clean).
 """
@@ -38,6 +40,17 @@ def momentum_targets(momentum_model, batch, queues, scale, alpha: float):
 def clause_tokens_len(config) -> int:
   """The length of the batch's `clause_tokens` (0: the clause contrast is off, none made)."""
   return config.loss.clause_max_len if config.loss.clause_contrast_weight else 0
+
+
+def clause_rival_count(config) -> int:
+  """Rivals per example in the batch's `rival_tokens` (0: none made; they need the clause
+  contrast)."""
+  return config.loss.clause_rivals if clause_tokens_len(config) else 0
+
+
+def swaps(config) -> bool:
+  """Whether the batch carries clause-swap negatives (`swap_tokens`, `has_swap`)."""
+  return bool(config.loss.clause_negatives and config.loss.match_weight > 0)
 
 
 def total(model, batch, rng, config, momentum=None):
@@ -75,6 +88,14 @@ def total(model, batch, rng, config, momentum=None):
                                                batch["clause_tokens"])
     metrics.update(m)
     total_loss += cfg.clause_contrast_weight * clause_loss
+    if clause_rival_count(config):  # ... and that clause above itself with other values
+      rivals = batch["rival_tokens"]
+      b, r, length = rivals.shape
+      zrivals = predict.embed_texts(model, rivals.reshape(b * r, length)).reshape(b, r, -1)
+      rival_loss, m = losses.clause_rivals(zimg, zclause, zrivals, scale, weights,
+                                           batch["has_rival"])
+      metrics.update(m)
+      total_loss += cfg.clause_contrast_weight * rival_loss
 
   # ----- match -----
   if cfg.match_weight:
@@ -87,7 +108,7 @@ def total(model, batch, rng, config, momentum=None):
     texts = states.take(jnp.concatenate([rows, neg_text, rows]))
     # the pairs' embeddings, for model.match_cosine (the batch's are at hand)
     zimgs, ztxts = [zimg, zimg, zimg[neg_image]], [ztxt, ztxt[neg_text], ztxt]
-    if cfg.clause_negatives:  # each image with its caption, one observable value swapped
+    if swaps(config):  # each image with its caption, one observable value swapped
       swap = model.text_states(batch["swap_tokens"])
       images.append(image_tokens)
       texts = jax.tree.map(lambda a, c: jnp.concatenate([a, c]), texts, swap)
@@ -96,7 +117,7 @@ def total(model, batch, rng, config, momentum=None):
     cosine = (jnp.sum(jnp.concatenate(zimgs) * jnp.concatenate(ztxts), axis=-1)
               if model.match_cosine else None)
     logits = model.match_logits_states(jnp.concatenate(images), texts, cosine)
-    swap_logits, has_swap = ((logits[3 * b:], batch["has_swap"]) if cfg.clause_negatives
+    swap_logits, has_swap = ((logits[3 * b:], batch["has_swap"]) if swaps(config)
                              else (None, None))
     match, m = losses.matching(logits[:b], logits[b:2 * b], logits[2 * b:3 * b], weights,
                                has_neg, two_tower.POSITIVE, swap_logits, has_swap)

@@ -61,6 +61,7 @@ _ADDED = (
     # before per-field calibration every field used the absolute margins: no field calibrates
     ("scio.false_flag_rate", lambda c: 0.02),
     ("scio.calibration_min_rows", lambda c: 2**31 - 1),
+    ("loss.clause_rivals", lambda c: 0),
     ("loss.reconstruct_mask_p", lambda c: 0.5),
     ("loss.reconstruct_random_p", lambda c: 0.1),
     ("checkpoint.keep_period", lambda c: 0),

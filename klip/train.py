@@ -233,12 +233,13 @@ def train(config, workdir: str) -> dict:
           f"{jax.device_count()} devices, {jax.process_count()} process(es)", flush=True)
 
   with jax.set_mesh(mesh), core_spmd.logical_axis_rules(rules):
-    swap = config.loss.clause_negatives and config.loss.match_weight > 0
+    swap, rivals = objectives.swaps(config), objectives.clause_rival_count(config)
     batch_sh = {k: sharding.batch_sharding(mesh, rules, nd)
                 for k, nd in (("image", 4), ("tokens", 2), ("clause", 2), ("weight", 1),
                               ("valid", 1), ("index", 1))
                 + ((("swap_tokens", 2), ("has_swap", 1)) if swap else ())
-                + ((("clause_tokens", 2),) if objectives.clause_tokens_len(config) else ())}
+                + ((("clause_tokens", 2),) if objectives.clause_tokens_len(config) else ())
+                + ((("rival_tokens", 3), ("has_rival", 2)) if rivals else ())}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_train_step(config, graphdef),
                       in_shardings=(shardings, batch_sh, replicated),
@@ -248,8 +249,8 @@ def train(config, workdir: str) -> dict:
         tokenizer_path=tok.path, image_size=config.model.image_size,
         channels=config.model.channels, max_len=config.model.text.max_len, db_min=d.db_min,
         db_max=d.db_max, train=True, gain_db=d.gain_db, max_shift=d.max_shift, flip_p=d.flip_p,
-        clause_len=objectives.clause_tokens_len(config),
-        negatives=values_lib.ValuePool.sample(source) if swap else None)
+        clause_len=objectives.clause_tokens_len(config), swap=swap, rivals=rivals,
+        pool=values_lib.ValuePool.sample(source) if swap or rivals else None)
     batches = pipeline.local_batches(
         source, preprocess, seed=config.seed, global_batch=config.batch_size,
         start_example=examples_seen, process_index=jax.process_index(),

@@ -28,6 +28,18 @@ def test_compile_ahead_reports_per_device_memory(data_dir):
                              report["temporaries"])
 
 
+def test_batch_specs_carry_every_input_the_objectives_read(data_dir):
+  """Clause-swap negatives and clause rivals are in the compiled batch as the trainer feeds
+  them (the step once failed to compile with `loss.clause_negatives`: no swap_tokens)."""
+  config = smoke_config(data_dir, **{"loss.clause_negatives": True, "loss.clause_rivals": 3})
+  mesh, _ = compile_ahead.compile_step(config, jax.devices()[:2])
+  specs = compile_ahead.batch_specs(config, mesh, config.sharding_rules)
+  b, m = config.batch_size, config.model
+  assert specs["swap_tokens"].shape == (b, m.text.max_len) and specs["has_swap"].shape == (b,)
+  assert specs["rival_tokens"].shape == (b, 3, config.loss.clause_max_len)
+  assert specs["has_rival"].shape == (b, 3)
+
+
 @pytest.mark.parametrize("name, n", [("v5e:2x2", 4), ("v4:2x2x1", 4), ("v5e:16x16", 256)])
 def test_compile_ahead_topology_chip_counts(name, n):
   assert compile_ahead.chips(name) == n

@@ -355,6 +355,58 @@ def test_clause_contrast_treats_images_with_the_same_clause_as_positives(pair):
   assert float(losses.clause_contrastive(zimg, zclause, 10.0, invalid, tokens)[0]) < 100
 
 
+def test_clause_rivals_match_numpy_leaving_out_padding_and_rowless_examples():
+  """Each image's clause against its own rivals only: cross-entropy with the clause at index 0,
+  padded rivals left out, a row with no rival (or weight 0) adding nothing."""
+  rng = np.random.default_rng(1)
+  b, r, e, scale = 4, 3, 5, 10.0
+  zimg, zclause = _unit(rng.normal(size=(b, e))), _unit(rng.normal(size=(b, e)))
+  zrivals = _unit(rng.normal(size=(b, r, e)))
+  has = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], np.int32)
+  weights = np.array([1.0, 0.5, 1.0, 0.0], np.float32)
+  loss, m = losses.clause_rivals(*(jnp.asarray(x, jnp.float32) for x in
+                                   (zimg, zclause, zrivals)), scale, weights, has)
+  nll, correct = [], []
+  for i in (0, 1):  # row 2 has no rival, row 3 weight 0
+    logits = scale * np.concatenate([[zimg[i] @ zclause[i]], zrivals[i, has[i] > 0] @ zimg[i]])
+    nll.append(-_log_softmax(logits, 0)[0])
+    correct.append(float(np.argmax(logits) == 0))
+  np.testing.assert_allclose(loss, (nll[0] + 0.5 * nll[1]) / 1.5, rtol=1e-5)
+  np.testing.assert_allclose(m["clause_rivals/accuracy"], np.mean(correct), rtol=1e-6)
+  # a padded rival, however close to the image, does not count
+  near = zrivals.copy()
+  near[1, 1] = zimg[1]
+  np.testing.assert_allclose(losses.clause_rivals(
+      *(jnp.asarray(x, jnp.float32) for x in (zimg, zclause, near)), scale, weights, has)[0],
+      loss, rtol=1e-6)
+
+
+def test_total_adds_the_clause_rivals_under_the_clause_contrast_weight(smoke_model):
+  """loss.clause_rivals > 0: the batch's `rival_tokens` reach the loss, weighted by
+  clause_contrast_weight; without the clause contrast no rivals are asked for."""
+  _, model = smoke_model
+  config = _smoke_config(match_weight=0.0, reconstruct_weight=0.0, clause_rivals=2,
+                         clause_contrast_weight=0.5)
+  batch = _batch(config)
+  rng = np.random.default_rng(4)
+  batch["rival_tokens"] = rng.integers(6, config.model.text.vocab_size, (6, 2, 8)).astype(
+      np.int32)
+  batch["has_rival"] = np.ones((6, 2), np.int32)
+  total, (metrics, _) = nnx.jit(lambda m, b: objectives.total(m, b, jax.random.key(3),
+                                                              config))(model, batch)
+  zimg = predict.embed_images(model, batch["image"])[0]
+  zclause = predict.embed_texts(model, batch["clause_tokens"])
+  zrivals = predict.embed_texts(model, batch["rival_tokens"].reshape(12, 8)).reshape(6, 2, -1)
+  expected, _ = losses.clause_rivals(zimg, zclause, zrivals, model.temperature_scale(),
+                                     batch["weight"], batch["has_rival"])
+  np.testing.assert_allclose(metrics["clause_rivals/loss"], expected, rtol=1e-4)
+  np.testing.assert_allclose(total, metrics["contrast/loss"] + 0.5 * (
+      metrics["clause_contrast/loss"] + expected), rtol=1e-4)
+  assert objectives.clause_rival_count(config) == 2
+  config.loss.clause_contrast_weight = 0.0
+  assert objectives.clause_rival_count(config) == 0
+
+
 @pytest.mark.parametrize("mask_p,random_p", [(0.0, 0.0), (1.0, 0.0)])
 def test_total_corrupts_the_decoder_input_at_the_configured_rates(smoke_model, mask_p,
                                                                    random_p):

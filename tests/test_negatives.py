@@ -1,4 +1,5 @@
-"""Clause-swap negatives: the value pool, the swap, the pipeline's swapped captions."""
+"""Negatives from other values of a field: the value pool, clause swaps and clause rivals, and
+the pipeline's examples that carry them."""
 
 import numpy as np
 import pytest
@@ -70,7 +71,8 @@ def test_pipeline_carries_the_swapped_caption(source, pool, tmp_path):
   captions = [schema.structured_text(source[i]).caption for i in range(len(source))]
   tok = tokenizer_lib.train(captions, str(tmp_path / "tokenizer.model"), 400)
   prep = pipeline.Preprocess(tokenizer_path=tok.path, image_size=32, channels=2, max_len=96,
-                             db_min=-30.0, db_max=10.0, train=True, negatives=pool)
+                             db_min=-30.0, db_max=10.0, train=True, swap=True,
+                             pool=pool)
   ex = prep.random_map((0, source[0]), np.random.default_rng(0))
   assert ex["has_swap"] == 1 and not np.array_equal(ex["swap_tokens"], ex["tokens"])
   assert ex["swap_tokens"][0] == caption_lib.ENC
@@ -79,7 +81,7 @@ def test_pipeline_carries_the_swapped_caption(source, pool, tmp_path):
   assert set(template.tolist()) <= set(ex["swap_tokens"].tolist())
   with pytest.raises(ValueError, match="need train=True"):
     pipeline.Preprocess(tokenizer_path=tok.path, image_size=32, channels=2, max_len=96,
-                        db_min=-30.0, db_max=10.0, train=False, negatives=pool)
+                        db_min=-30.0, db_max=10.0, train=False, swap=True, pool=pool)
   bad = prep.random_map((1, None), np.random.default_rng(0))
   assert bad["valid"] == 0 and bad["has_swap"] == 0 and not bad["swap_tokens"].any()
   # only clauses whose value starts within max_len are swapped; a swap that max_len cuts off
@@ -87,10 +89,56 @@ def test_pipeline_carries_the_swapped_caption(source, pool, tmp_path):
   for max_len, least in ((24, 15), (4, 0)):
     short = pipeline.Preprocess(tokenizer_path=tok.path, image_size=32, channels=2,
                                 max_len=max_len, db_min=-30.0, db_max=10.0, train=True,
-                                negatives=pool)
+                                swap=True, pool=pool)
     rows = [short.random_map((i, source[i]), np.random.default_rng(i)) for i in range(20)]
     for r in rows:
       assert r["has_swap"] == (not np.array_equal(r["swap_tokens"], r["tokens"]))
     assert sum(r["has_swap"] for r in rows) >= least
     if not least:
       assert not any(r["has_swap"] for r in rows)
+
+
+def test_rivals_are_distinct_other_values_of_the_clauses_field(source, pool):
+  rng = np.random.default_rng(0)
+  st = schema.structured_text(source[0])
+  for k, name in enumerate(st.field_names):
+    others = set(pool.distinct(st.family, name)) - {st.values[k]}
+    drawn = negatives.rivals(pool, st, k, 3, rng)
+    assert len(drawn) == len(set(drawn)) == min(3, len(others))
+    assert set(drawn) <= others
+  sizes = {k: len(pool.distinct(st.family, n)) for k, n in enumerate(st.field_names)}
+  k = min((k for k in sizes if sizes[k] > 3), key=sizes.get)  # more values than one draw
+  seen = set()
+  for _ in range(60):  # uniform without replacement: over draws every other value turns up
+    seen.update(negatives.rivals(pool, st, k, 2, rng))
+  assert seen == set(pool.distinct(st.family, st.field_names[k])) - {st.values[k]}
+
+
+def test_pipeline_carries_the_drawn_clauses_rivals(source, pool, tmp_path):
+  captions = [schema.structured_text(source[i]).caption for i in range(len(source))]
+  tok = tokenizer_lib.train(captions, str(tmp_path / "tokenizer.model"), 400)
+  kw = dict(tokenizer_path=tok.path, image_size=32, channels=2, max_len=96, db_min=-30.0,
+            db_max=10.0, train=True, clause_len=40)
+  prep = pipeline.Preprocess(**kw, rivals=3, pool=pool)
+  for i in range(10):
+    st = schema.structured_text(source[i])
+    clauses = {tuple(tok.encode_text(caption_lib.PREFIXES[n] + v, 40)): (n, v)
+               for n in st.field_names for v in pool.distinct(st.family, n)}
+    ex = prep.random_map((i, source[i]), np.random.default_rng(i))
+    assert ex["rival_tokens"].shape == (3, 40) and ex["has_rival"].shape == (3,)
+    name, value = clauses[tuple(ex["clause_tokens"])]
+    assert value == st.values[st.field_names.index(name)]
+    rivals = [clauses[tuple(t)] for t, h in zip(ex["rival_tokens"], ex["has_rival"]) if h]
+    assert rivals and all(n == name and v != value for n, v in rivals)
+    assert len({v for _, v in rivals}) == len(rivals)
+    assert not ex["rival_tokens"][ex["has_rival"] == 0].any()  # padding rows are zeros
+  bad = prep.random_map((1, None), np.random.default_rng(0))
+  assert bad["valid"] == 0 and not bad["has_rival"].any() and bad["rival_tokens"].shape == (3, 40)
+  # a rival that clause_len cuts off to the clause's own tokens is not a rival
+  short = pipeline.Preprocess(**{**kw, "clause_len": 3}, rivals=3, pool=pool)
+  ex = short.random_map((0, source[0]), np.random.default_rng(0))
+  assert not ex["has_rival"].any()
+  with pytest.raises(ValueError, match="need clause_len > 0"):
+    pipeline.Preprocess(**{**kw, "clause_len": 0}, rivals=3, pool=pool)
+  with pytest.raises(ValueError, match="pass pool="):
+    pipeline.Preprocess(**kw, rivals=3)

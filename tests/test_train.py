@@ -43,6 +43,11 @@ def _random_batch(config, n=8, seed=0):
     batch.update(swap_tokens=swap, has_swap=(np.arange(n) % 4 != 0).astype(np.int32))
   if config.loss.clause_contrast_weight:  # one clause alone (its first tokens)
     batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
+    if config.loss.clause_rivals:  # ... and that clause with its last tokens replaced
+      rivals = np.repeat(batch["clause_tokens"][:, None], config.loss.clause_rivals, axis=1)
+      rivals[..., -2:] = rng.integers(6, m.text.vocab_size, rivals[..., -2:].shape)
+      batch.update(rival_tokens=rivals,
+                   has_rival=np.ones((n, config.loss.clause_rivals), np.int32))
   return batch
 
 
@@ -68,9 +73,11 @@ def _loss_and_grads(config, mesh_dims, devices):
 
 
 # the default smoke model, and one whose matching runs only the top text block on the lower
-# states of the contrastive pass, with clause-swap negatives
+# states of the contrastive pass, with clause-swap negatives and clause rivals
 @pytest.mark.parametrize("overrides", [{}, {"model.text.fusion_layers": 1,
-                                            "loss.clause_negatives": True}])
+                                            "loss.clause_negatives": True,
+                                            "loss.clause_contrast_weight": 1.0,
+                                            "loss.clause_rivals": 2}])
 def test_sharded_step_equals_unsharded(data_dir, overrides):
   config = smoke_config(data_dir, **overrides)
   assert jax.device_count() == 8
@@ -299,16 +306,19 @@ def test_init_from_another_run_copies_and_resizes(smoke_run, data_dir, tmp_path,
   np.testing.assert_allclose(posemb.mean(0), source["image"]["posemb"].mean(0), atol=0.02)
 
 
-def test_clause_negatives_train_and_log_their_accuracy(data_dir, tmp_path):
+def test_clause_negatives_and_rivals_train_and_log_their_accuracy(data_dir, tmp_path):
   config = smoke_config(data_dir, total_steps=4, **{
-      "loss.clause_negatives": True, "model.text.fusion_layers": 1, "scio.enabled": True,
+      "loss.clause_negatives": True, "loss.clause_contrast_weight": 1.0,
+      "loss.clause_rivals": 3, "model.text.fusion_layers": 1, "scio.enabled": True,
       "scio.every_steps": 2, "scio.slice_size": 16, "scio.batch_size": 8,
       "scio.warmup_fraction": 0.25})
   summary = train.train(config, str(tmp_path / "w"))
   rows = metrics_writer.read(os.path.join(str(tmp_path / "w"), "metrics.jsonl"))
   assert summary["steps"] == 4 and np.isfinite(summary["final"]["loss"])
   assert all(0.0 <= r["match/swap_accuracy"] <= 1.0 for r in rows)
-  # the rescoring pass reads its images without the training-only swaps
+  assert all(0.0 <= r["clause_rivals/accuracy"] <= 1.0 and r["clause_rivals/loss"] > 0
+             for r in rows if "loss" in r)
+  # the rescoring pass reads its images without the training-only swaps and rivals
   passes = [r for r in rows if "scio/rescored" in r]
   assert passes and all(r["scio/rescored"] == 16 for r in passes)
 

@@ -1,10 +1,16 @@
-"""Clause-swap negatives: a caption with one observable field's value replaced by another.
+"""Negatives made by giving an observable field another of its values.
 
-With `loss.clause_negatives`, the matching loss also ranks each image's caption above the same
-caption in which one field the pixels can show (`caption.OBSERVABLE_FIELDS`) states another value
-of that field (`losses.matching`). That asks the fusion path to notice a single wrong clause,
-which is what SCIO's screening asks of the match probability. The values come from a
-`values.ValuePool` sampled once from the training records.
+Clause-swap negatives (`loss.clause_negatives`): the matching loss also ranks each image's
+caption above the same caption in which one field the pixels can show
+(`caption.OBSERVABLE_FIELDS`) states another value of that field (`losses.matching`). That asks
+the fusion path to notice a single wrong clause, which is what SCIO's screening asks of the
+match probability.
+
+Clause rivals (`loss.clause_rivals`): the clause an image is contrasted with alone ("the targets
+are classified as ship") is also ranked above the same clause with other values of its field
+(`losses.clause_rivals`): the choice a zero-shot classifier and SCIO's clause screen ask of the
+image, which the in-batch clause contrast rarely poses (its negatives are mostly other fields'
+clauses). The values come from a `values.ValuePool` sampled once from the training records.
 """
 
 from __future__ import annotations
@@ -31,3 +37,12 @@ def swap(pool: values_lib.ValuePool, st: text_lib.StructuredText, rng: np.random
   values = list(st.values)
   values[k] = others[int(rng.integers(len(others)))]
   return text_lib.compose(st.family, values)
+
+
+def rivals(pool: values_lib.ValuePool, st: text_lib.StructuredText, k: int, n: int,
+           rng: np.random.Generator) -> list[str]:
+  """Up to n distinct other values of clause k's field, drawn uniformly without replacement."""
+  others = [v for v in pool.distinct(st.family, st.field_names[k]) if v != st.values[k]]
+  if len(others) <= n:
+    return others
+  return [others[int(i)] for i in rng.choice(len(others), n, replace=False)]

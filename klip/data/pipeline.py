@@ -87,13 +87,22 @@ class Preprocess(grain.transforms.RandomMap):
   table: Overrides | None = None
   # Clause-swap negatives (`loss.clause_negatives`): each example also carries `swap_tokens`,
   # its caption with one observable value swapped, and `has_swap` (0 where none could be made).
-  negatives: values_lib.ValuePool | None = None
+  swap: bool = False
+  # Clause rivals (`loss.clause_rivals`, with clause_len): each example also carries
+  # `rival_tokens` [rivals, clause_len], its drawn clause with other values of that field, and
+  # `has_rival` [rivals] (0 where the field has fewer other values).
+  rivals: int = 0
+  # The values swaps and rivals are drawn from (klip/data/negatives.py).
+  pool: values_lib.ValuePool | None = None
 
   def __post_init__(self):
-    if self.negatives is not None and not self.train:
-      raise ValueError("clause negatives are drawn at random: they need train=True")
-    if self.clause_len and not self.train:
-      raise ValueError("clause tokens are drawn at random: they need train=True")
+    if (self.swap or self.rivals or self.clause_len) and not self.train:
+      raise ValueError("clause tokens, swaps and rivals are drawn at random: they need "
+                       "train=True")
+    if (self.swap or self.rivals) and self.pool is None:
+      raise ValueError("clause negatives and rivals draw their values from a pool: pass pool=")
+    if self.rivals and not self.clause_len:
+      raise ValueError("clause rivals are rivals of the drawn clause: they need clause_len > 0")
 
   def random_map(self, element, rng: np.random.Generator):
     index, record = element
@@ -125,16 +134,33 @@ class Preprocess(grain.transforms.RandomMap):
     out = {"image": image, "tokens": tokens, "clause": clause, "weight": np.float32(weight),
            "valid": np.int32(1), "index": np.int32(index)}
     if self.clause_len:
-      out["clause_tokens"] = self._tokenizer().encode_text(
-          _random_clause(st, rng, skip), self.clause_len)
-    if self.negatives is not None:
-      swapped = negatives_lib.swap(self.negatives, st, rng, skip,
+      k = _random_clause(st, rng, skip)
+      prefix = caption_lib.PREFIXES[st.field_names[k]]
+      out["clause_tokens"] = self._tokenizer().encode_text(prefix + st.values[k],
+                                                           self.clause_len)
+      if self.rivals:
+        out.update(self._rivals(st, k, out["clause_tokens"], rng))
+    if self.swap:
+      swapped = negatives_lib.swap(self.pool, st, rng, skip,
                                    visible=set(clause[clause >= 0].tolist()))
       swap = (self._tokenizer().encode_caption(swapped, self.max_len, skip=skip)[0]
               if swapped is not None else tokens)
       # a swap cut off by max_len leaves the caption unchanged: not a negative
       out.update(swap_tokens=swap, has_swap=np.int32(not np.array_equal(swap, tokens)))
     return out
+
+  def _rivals(self, st: text_lib.StructuredText, k: int, own: np.ndarray,
+              rng: np.random.Generator) -> dict:
+    """`rival_tokens` / `has_rival`: clause k with other values of its field, padded with
+    zero rows; a rival that clause_len cuts off to the clause's own tokens `own` is no
+    rival."""
+    tokens = np.zeros((self.rivals, self.clause_len), np.int32)
+    has = np.zeros((self.rivals,), np.int32)
+    prefix = caption_lib.PREFIXES[st.field_names[k]]
+    for r, value in enumerate(negatives_lib.rivals(self.pool, st, k, self.rivals, rng)):
+      tokens[r] = self._tokenizer().encode_text(prefix + value, self.clause_len)
+      has[r] = not np.array_equal(tokens[r], own)
+    return {"rival_tokens": tokens, "has_rival": has}
 
   def image(self, db: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """The model input [S, S, channels] in [-1, 1] of a dB image [H, W, C]: cropped (randomly
@@ -183,19 +209,21 @@ class Preprocess(grain.transforms.RandomMap):
            "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
     if self.clause_len:
       out["clause_tokens"] = np.zeros((self.clause_len,), np.int32)
-    if self.negatives is not None:
+    if self.rivals:
+      out.update(rival_tokens=np.zeros((self.rivals, self.clause_len), np.int32),
+                 has_rival=np.zeros((self.rivals,), np.int32))
+    if self.swap:
       out.update(swap_tokens=np.zeros((self.max_len,), np.int32), has_swap=np.int32(0))
     return out
 
 
-def _random_clause(st: text_lib.StructuredText, rng: np.random.Generator, skip: int) -> str:
-  """One clause of `st` ("prefix value"), drawn among its observable fields (all fields when
-  it has none), never the clause `skip` that SCIO left out."""
+def _random_clause(st: text_lib.StructuredText, rng: np.random.Generator, skip: int) -> int:
+  """The index of one clause of `st`, drawn among its observable fields (all fields when it
+  has none), never the clause `skip` that SCIO left out."""
   names = st.field_names
   pick = [i for i, n in enumerate(names) if n in caption_lib.OBSERVABLE_FIELDS and i != skip]
   pick = pick or [i for i in range(len(names)) if i != skip]
-  i = pick[int(rng.integers(len(pick)))]
-  return caption_lib.PREFIXES[names[i]] + st.values[i]
+  return pick[int(rng.integers(len(pick)))]
 
 
 def local_batches(source, preprocess: Preprocess, *, seed: int, global_batch: int,

@@ -68,8 +68,8 @@ class Controller:
     self._clause_len = config.loss.clause_max_len
     self._source = source
     self._tokenizer = tokenizer
-    self._preprocess = dataclasses.replace(preprocess, train=False, table=None, negatives=None,
-                                           clause_len=0)
+    self._preprocess = dataclasses.replace(preprocess, train=False, table=None, swap=False,
+                                           rivals=0, pool=None, clause_len=0)
     self.enabled = bool(self._cfg.enabled)
     if self.enabled:
       clauses.check_config(config)
