@@ -28,6 +28,12 @@ def _linear(rows: int, din: int, dout: int) -> int:
   return 2 * rows * din * dout
 
 
+def self_attention_flops(batch: int, length: int, width: int) -> int:
+  """Forward matmul FLOPs of a block's self-attention sublayer over [batch, length]."""
+  f = 4 * _linear(batch * length, width, width)  # q, k, v, out
+  return f + 2 * 2 * batch * length * length * width  # scores and weighted values (all heads)
+
+
 def block_flops(batch: int, length: int, width: int, mlp_dim: int, *,
                 cross: tuple[int, int] | None = None) -> int:
   """Forward matmul FLOPs of one pre-LN block (klip.model.layers.Block) over [batch, length].
@@ -35,8 +41,7 @@ def block_flops(batch: int, length: int, width: int, mlp_dim: int, *,
   cross: (kv_length, kv_width) when the cross-attention sublayer runs.
   """
   rows = batch * length
-  f = 4 * _linear(rows, width, width)          # q, k, v, out
-  f += 2 * 2 * batch * length * length * width  # scores and weighted values (all heads)
+  f = self_attention_flops(batch, length, width)
   f += _linear(rows, width, mlp_dim) + _linear(rows, mlp_dim, width)
   if cross is not None:
     kv_len, kv_width = cross
@@ -134,6 +139,11 @@ def full_step(config, batch: int | None = None, length: int | None = None) -> Co
     text_tower(c, m, batch, int(w.clause_max_len), 3.0, name="clause")
     c.add("clause/heads", _linear(batch, t.width, m.embed_dim), 3.0)
     c.add("clause/logits", _linear(batch, m.embed_dim, batch), 3.0)
+    rivals = batch * int(_get(w, "clause_rivals", 0))
+    if rivals:  # the clause's rivals through the text tower, each scored against its image
+      text_tower(c, m, rivals, int(w.clause_max_len), 3.0, name="clause_rivals")
+      c.add("clause_rivals/heads", _linear(rivals, t.width, m.embed_dim), 3.0)
+      c.add("clause_rivals/logits", _linear(rivals, m.embed_dim, 1), 3.0)
   if w.match_weight:
     c.add("match/sim", _linear(batch, m.embed_dim, batch), 1.0)  # stop_gradient
     rows = 3 * batch
@@ -171,13 +181,20 @@ def embed_texts(m, batch: int, length: int | None = None) -> Count:
 def scio_scores(m, pairs: int, variants: int, length: int | None = None) -> Count:
   """One SCIO scoring chunk: images once, `variants` texts per image through the contrastive
   text tower, then its fusion blocks again with cross-attention, the ITM head
-  (klip.inference.variant_scores)."""
+  (klip.inference.variant_scores).
+
+  The first fusion block's self-attention reads the same lower states with the same weights
+  as the contrastive pass's block did (self-attention comes before cross-attention), and XLA
+  computes it once (common-subexpression elimination): it is counted once. Training gathers
+  hard negatives into the fused batch, so its step has no such duplicate."""
   length = length or m.text.max_len
   c = embed_images(m, pairs)
   rows = pairs * variants
   text_tower(c, m, rows, length, 1.0)
   c.add("heads", _linear(rows, m.text.width, m.embed_dim), 1.0)
   text_tower(c, m, rows, length, 1.0, name="match", fused_only=True)
+  if int(_get(m.text, "fusion_layers", m.text.depth)):
+    c.add("match/blocks", -self_attention_flops(rows, length, m.text.width), 1.0)
   c.add("match/head", _linear(rows, m.text.width, 2), 1.0)
   return c
 

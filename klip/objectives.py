@@ -43,9 +43,13 @@ def clause_tokens_len(config) -> int:
 
 
 def clause_rival_count(config) -> int:
-  """Rivals per example in the batch's `rival_tokens` (0: none made; they need the clause
-  contrast)."""
-  return config.loss.clause_rivals if clause_tokens_len(config) else 0
+  """Rivals per example in the batch's `rival_tokens` (0: none made). Raises ValueError for a
+  negative count or rivals without the clause contrast they belong to."""
+  rivals = int(config.loss.clause_rivals)
+  if rivals < 0 or (rivals and not clause_tokens_len(config)):
+    raise ValueError(f"loss.clause_rivals={rivals} needs to be >= 0, and > 0 only with the "
+                     "clause contrast on (loss.clause_contrast_weight > 0, clause_max_len > 0)")
+  return rivals
 
 
 def swaps(config) -> bool:

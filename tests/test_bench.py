@@ -50,7 +50,8 @@ def test_hlo_counter_convolution():
 def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
   overrides = {"full": {}, "full_top_fusion": {"model.text.fusion_layers": 1,
                                                 "model.decoder.depth": 1,
-                                                "loss.clause_negatives": True},
+                                                "loss.clause_negatives": True,
+                                                "loss.clause_rivals": 3},
                "contrast": {"loss.match_weight": 0.0, "loss.reconstruct_weight": 0.0,
                             "loss.clause_contrast_weight": 0.0,
                             "model.text.fusion_layers": 0, "model.decoder.depth": 0}}[objectives]
@@ -61,6 +62,23 @@ def test_analytic_flops_match_xla_on_smoke(data_dir, objectives):
   count = (flops.full_step(config) if objectives.startswith("full")
            else flops.contrast_step(config.model, config.batch_size))
   assert counted == pytest.approx(count.train_total, rel=0.02)
+
+
+@pytest.mark.parametrize("fusion_layers,variants,length", [(2, 9, 64), (1, 46, 48)])
+def test_analytic_scio_scoring_flops_match_xla(data_dir, fusion_layers, variants, length):
+  """flops.scio_scores against the compiled scoring function of SCIO and the evaluators, with
+  all blocks fused or the top one only; the first fusion block's self-attention, the same as
+  the contrastive pass's, is compiled once and counted once."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from klip import inference  # pylint: disable=g-import-not-at-top
+  from klip.model.two_tower import Model  # pylint: disable=g-import-not-at-top
+  m = smoke_config(data_dir, **{"model.text.fusion_layers": fusion_layers}).model
+  model = nnx.jit(lambda: Model(m, rngs=nnx.Rngs(0)))()
+  images = np.zeros((4, m.image_size, m.image_size, m.channels), np.float32)
+  texts = np.ones((4, variants, length), np.int32)
+  compiled = nnx.jit(inference.variant_scores).lower(model, images, texts).compile()
+  assert flops.compiled_flops(compiled)["matmul"] == flops.scio_scores(
+      m, 4, variants, length=length).forward_total
 
 
 def test_scaling_arithmetic_follows_flops_peak_and_mfu():

@@ -404,7 +404,8 @@ def test_total_adds_the_clause_rivals_under_the_clause_contrast_weight(smoke_mod
       metrics["clause_contrast/loss"] + expected), rtol=1e-4)
   assert objectives.clause_rival_count(config) == 2
   config.loss.clause_contrast_weight = 0.0
-  assert objectives.clause_rival_count(config) == 0
+  with pytest.raises(ValueError, match="clause_rivals=2 needs .* clause contrast on"):
+    objectives.clause_rival_count(config)
 
 
 @pytest.mark.parametrize("mask_p,random_p", [(0.0, 0.0), (1.0, 0.0)])

@@ -43,11 +43,13 @@ def _random_batch(config, n=8, seed=0):
     batch.update(swap_tokens=swap, has_swap=(np.arange(n) % 4 != 0).astype(np.int32))
   if config.loss.clause_contrast_weight:  # one clause alone (its first tokens)
     batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
-    if config.loss.clause_rivals:  # ... and that clause with its last tokens replaced
+    if config.loss.clause_rivals:  # ... and that clause with two tokens replaced, some padded
       rivals = np.repeat(batch["clause_tokens"][:, None], config.loss.clause_rivals, axis=1)
-      rivals[..., -2:] = rng.integers(6, m.text.vocab_size, rivals[..., -2:].shape)
-      batch.update(rival_tokens=rivals,
-                   has_rival=np.ones((n, config.loss.clause_rivals), np.int32))
+      rivals[..., 36:38] = rng.integers(6, m.text.vocab_size, rivals[..., 36:38].shape)
+      has = np.ones((n, config.loss.clause_rivals), np.int32)
+      has[::3, -1] = 0
+      rivals[has == 0] = 0
+      batch.update(rival_tokens=rivals, has_rival=has)
   return batch
 
 

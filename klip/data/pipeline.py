@@ -90,7 +90,8 @@ class Preprocess(grain.transforms.RandomMap):
   swap: bool = False
   # Clause rivals (`loss.clause_rivals`, with clause_len): each example also carries
   # `rival_tokens` [rivals, clause_len], its drawn clause with other values of that field, and
-  # `has_rival` [rivals] (0 where the field has fewer other values).
+  # `has_rival` [rivals] (0 for padding: the field has fewer other values, a rival that
+  # clause_len cuts off to the clause itself, an unreadable record).
   rivals: int = 0
   # The values swaps and rivals are drawn from (klip/data/negatives.py).
   pool: values_lib.ValuePool | None = None

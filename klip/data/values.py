@@ -1,10 +1,10 @@
-"""The values each caption field takes over a set of captions: one pool, two users.
+"""The values each caption field takes over a set of captions: one pool, several users.
 
-Clause-swap negatives (`klip/data/negatives.py`, `loss.clause_negatives`) give an observable
-field another of its values, drawn uniformly from the distinct ones; SCIO's reconstruct stage
-(`klip/scio/rescore.py`, `scio.fill_candidates`) offers the decoder a field's most frequent
-other values. Both read the same counts, keyed by (caption family, field name). Plain data, so a
-pool pickles to Grain workers.
+Clause-swap negatives and clause rivals (`klip/data/negatives.py`, `loss.clause_negatives`,
+`loss.clause_rivals`) give an observable field other values, drawn uniformly from the distinct
+ones; SCIO's clause screen and reconstruct stage (`klip/scio/clauses.py`, `klip/scio/rescore.py`)
+try a field's most frequent other values. All read the same counts, keyed by (caption family,
+field name). Plain data, so a pool pickles to Grain workers.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ValuePool:
       except Exception:  # pylint: disable=broad-except  # counted below; the pipeline logs it
         continue
     if not texts:
-      raise ValueError(f"no readable record among the {len(rows)} sampled for clause negatives")
+      raise ValueError(f"no readable record among the {len(rows)} sampled for the value pool")
     return cls.from_texts(texts)
 
   @functools.cached_property
