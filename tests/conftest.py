@@ -95,6 +95,23 @@ def smoke_run(data_dir, tmp_path_factory):
   return workdir, summary
 
 
+@pytest.fixture(scope="session")
+def source(data_dir):
+  """The smoke dataset's training split (a test module may define its own `source`)."""
+  from klip.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  return dataset_lib.source(data_dir, smoke_config(data_dir).data.dataset, "train")
+
+
+@pytest.fixture(scope="session")
+def tok(source, tmp_path_factory):
+  """A 400-piece tokenizer of `source`'s captions (a test module may define its own `tok`)."""
+  from klip.data import schema  # pylint: disable=g-import-not-at-top
+  from klip.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  captions = [schema.structured_text(source[i]).caption for i in range(len(source))]
+  return tokenizer_lib.train(captions, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"),
+                             400)
+
+
 SHARED_DATA = os.path.join(os.path.dirname(_ROOT), "shared", "data")
 
 

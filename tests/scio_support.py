@@ -1,29 +1,16 @@
-"""What the SCIO tests share: the config, the corpus, tokenizer, preprocessing and pair table of
-the session's smoke dataset, and a reader of a run's saved tables."""
+"""What the SCIO tests share: the config, the preprocessing and pair table of the session's
+smoke dataset (its corpus and tokenizer: the `source` and `tok` fixtures of conftest.py), and
+a reader of a run's saved tables."""
 
 from conftest import smoke_config
 from klip import checkpoint as checkpoint_lib
-from klip.data import dataset as dataset_lib
 from klip.data import pipeline
-from klip.data import schema
-from klip.data import tokenizer as tokenizer_lib
 from klip.scio import table as table_lib
 
 SCIO = dict(enabled=True, every_steps=4, slice_size=32, batch_size=16, warmup_fraction=0.2,
             reconstruct_from_fraction=0.5, false_flag_rate=0.02, calibration_min_rows=16,
             margin_cosine=0.0, margin_match=0.0, weight_floor=0.5, max_span=6,
             fill_candidates=0, initial_table="", screen="leave_one_out", screen_candidates=8)
-
-
-def smoke_source(data_dir):
-  """The smoke dataset's training split."""
-  return dataset_lib.source(data_dir, smoke_config(data_dir).data.dataset, "train")
-
-
-def train_tokenizer(source, path):
-  """A 400-piece tokenizer of `source`'s captions, written to `path`."""
-  captions = [schema.structured_text(source[i]).caption for i in range(len(source))]
-  return tokenizer_lib.train(captions, path, 400)
 
 
 def preprocess(tok, config, **kw):

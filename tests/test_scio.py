@@ -26,16 +26,6 @@ from klip.scio import table as table_lib
 SCIO = support.SCIO
 
 
-@pytest.fixture(scope="module")
-def source(data_dir):
-  return support.smoke_source(data_dir)
-
-
-@pytest.fixture(scope="module")
-def tok(source, tmp_path_factory):
-  return support.train_tokenizer(source, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
-
-
 # ----- the leave-one-out texts ------------------------------------------------------------------
 @pytest.mark.parametrize("max_len", [5000, 1000, 90, 40])
 def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok, max_len):

@@ -21,16 +21,6 @@ from klip.scio import schedule
 from klip.scio import table as table_lib
 
 
-@pytest.fixture(scope="module")
-def source(data_dir):
-  return support.smoke_source(data_dir)
-
-
-@pytest.fixture(scope="module")
-def tok(source, tmp_path_factory):
-  return support.train_tokenizer(source, str(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
-
-
 # ----- tokenizer ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", range(8))
 def test_encode_caption_skip_leaves_out_exactly_one_clause(source, tok, k):
