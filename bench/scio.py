@@ -1,12 +1,12 @@
 r"""Measured SCIO quality on the synthetic corpus, whose captions' true values are known.
 
 Plants wrong values in a fraction of the clauses of pixel-observable fields (each such clause
-independently, swapping in another value of the same field from another record of the same
-family) through the initial pair table, pretrains twice on the planted captions (with SCIO, and
+independently, swapping in a value of the same field from another record of the same family
+that says something else, `klip/data/content.py`) through the initial pair table, pretrains twice on the planted captions (with SCIO, and
 without: no pass ever runs), and prints per field and overall, on the pairs SCIO rescored:
 screening precision / recall / F1 against the planted errors (a clause counts as flagged if
-the final table drops it or SCIO rewrote it), reconstruction exact-match accuracy of SCIO's
-rewrites against the true values, SCIO's cost per rescored pair and share of wall time, and
+the final table drops it or SCIO rewrote it), reconstruction accuracy of SCIO's rewrites
+(right when the rewrite says what the true value says, `content`), SCIO's cost per rescored pair and share of wall time, and
 retrieval recall on the test split with and without SCIO, and how often the final SCIO model
 scores a caption above the same caption with one planted value on its own image (per field; the
 ceiling any screening rule on those scores works under; bench/scio_quality.py). The run
@@ -137,7 +137,7 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   pass_seconds = sum(r["scio/pass_seconds"] for r in rows)
   rescored = sum(r["scio/rescored"] for r in rows)
   header = (f"{'field':<14}{'planted':>8}{'flagged':>8}{'precision':>10}{'recall':>8}{'F1':>8}"
-            f"{'rewrites':>9}{'exact':>10}")
+            f"{'rewrites':>9}{'right':>10}")
   lines = [f"SCIO benchmark: variant={variant}, steps={config.total_steps}, planted rate "
            f"{rate:.0%} of pixel-observable clauses ({len(planted)} clauses in "
            f"{len({i for i, _ in planted})} of {len(texts)} pairs); clause negatives "

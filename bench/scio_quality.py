@@ -14,8 +14,10 @@ from evals.predictor import Predictor
 from klip import checkpoint as checkpoint_lib
 from klip import sharding
 from klip.data import caption as caption_lib
+from klip.data import content as content_lib
 from klip.data import dataset as dataset_lib
 from klip.data import schema
+from klip.data import values as values_lib
 from klip.scio import table as table_lib
 
 
@@ -26,7 +28,7 @@ class Counts:
   flagged: int = 0
   hits: int = 0
   rewrites: int = 0
-  exact: int = 0
+  right: int = 0
 
   def add(self, other: Counts) -> None:
     for f in dataclasses.fields(self):
@@ -36,7 +38,7 @@ class Counts:
     p = self.hits / self.flagged if self.flagged else float("nan")
     r = self.hits / self.planted if self.planted else float("nan")
     f1 = 2 * p * r / (p + r) if p + r > 0 else float("nan")
-    acc = self.exact / self.rewrites if self.rewrites else float("nan")
+    acc = self.right / self.rewrites if self.rewrites else float("nan")
     return (f"{name:<14}{self.planted:>8}{self.flagged:>8}{p:>10.3f}{r:>8.3f}{f1:>8.3f}"
             f"{self.rewrites:>9}{acc:>10.3f}")
 
@@ -50,18 +52,15 @@ def captions(data_dir: str, dataset: str, split: str):
 
 
 def plant(texts, ids, dataset: str, rate: float, seed: int):
-  """(initial table with planted rewrites, {(row, clause): true value})."""
+  """(initial table with planted rewrites, {(row, clause): true value}); a planted value says
+  something else than the true one (`ValuePool.alternatives`: a rewording is not an error)."""
   rng = np.random.default_rng(seed)
-  pool = {}
-  for st in texts:
-    for k, name in enumerate(st.field_names):
-      pool.setdefault((st.family, name), set()).add(st.values[k])
-  pool = {key: sorted(v) for key, v in pool.items()}
+  pool = values_lib.ValuePool.from_texts(texts)
   table = table_lib.PairTable.initial(dataset, [table_lib.id_hash(i) for i in ids])
   planted = {}
   for i, st in enumerate(texts):
     for k, name in enumerate(st.field_names):
-      others = [v for v in pool[(st.family, name)] if v != st.values[k]]
+      others = pool.alternatives(st.family, name, st.values[k])
       if name in caption_lib.OBSERVABLE_FIELDS and others and rng.random() < rate:
         table.rewrites.setdefault(i, {})[k] = others[int(rng.integers(len(others)))]
         planted[(i, k)] = st.values[k]
@@ -69,7 +68,8 @@ def plant(texts, ids, dataset: str, rate: float, seed: int):
 
 
 def screening(final: table_lib.PairTable, initial: table_lib.PairTable, texts, planted):
-  """Counts per field name over the rows SCIO rescored."""
+  """Counts per field name over the rows SCIO rescored; a rewrite is right when it
+  says what the true value says (`content`)."""
   counts = {}
   for i in np.flatnonzero(final.scored_version >= 0):
     st = texts[i]
@@ -80,7 +80,8 @@ def screening(final: table_lib.PairTable, initial: table_lib.PairTable, texts, p
       flagged = rewritten or final.dropped[i] == k
       c = Counts(planted=int((i, k) in planted), flagged=int(flagged),
                  hits=int(flagged and (i, k) in planted), rewrites=int(rewritten),
-                 exact=int(rewritten and now == st.values[k]))
+                 right=int(rewritten and content_lib.content(name, now)
+                           == content_lib.content(name, st.values[k])))
       counts.setdefault(name, Counts()).add(c)
   return counts
 

@@ -35,11 +35,8 @@ Content accuracy (`content/<name>`, `content_accuracy`): the same comparison on 
 says that the pixels can show (`content`), not on its wording. The HCoT generator words one
 fact several ways at random ("3", "three ships", "3 ships") and writes metadata into some
 observable fields (terrain names the city, water its incidence angle), so exact match caps a
-captioner that sees perfectly far below 1 (count at about a third). The content of count is
-the number; of location the set of grid cells; of size the numbers it states; of terrain the
-cover class before "within/on/in the <landform> of <place>"; of water and buildings the part
-before "covering about N %"; of distribution "single" for every single-target form; of every
-other field the normalised value.
+captioner that sees perfectly far below 1 (count at about a third); `klip/data/content.py`
+says what the content of each field is.
 
 Repetition (`repetition`): the share of the non-empty generated values (all eight fields of
 every image) in which a phrase of one to REPEAT_NGRAM (4) tokens occurs REPEAT_RUN (3) or more
@@ -51,7 +48,6 @@ field accuracy alone does not show. Interval over those values.
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -61,18 +57,13 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 from evals import stats
 from klip.data import caption as caption_lib
+from klip.data.content import content, normalize
 from klip.data import schema
-from klip.hcot import rules
 
 BLEU_N = 4
 EXAMPLES = 8  # reference-vs-generated rows in the report
 REPEAT_RUN = 3  # a value with a phrase this many times in a row counts as repeating
 REPEAT_NGRAM = 4  # the longest phrase (in tokens) looked for
-
-
-def normalize(text: str) -> str:
-  """Lower-cased alphanumeric tokens of `text`, joined by single spaces."""
-  return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def field_values(caption: str, family: str) -> list[str]:
@@ -126,39 +117,6 @@ def caption_scores(references: Sequence[str], hypotheses: Sequence[str]
   for name, scorer in (("cider", Cider()), ("rouge_l", Rouge())):
     _, per_image = scorer.compute_score(gts, res)
     yield from stats.with_ci(name, np.asarray(per_image, np.float64))
-
-
-_NUMBERS = {w: str(i) for i, w in enumerate(rules.NUMBER_WORDS)}
-_SINGLE = ("a single ", "one ")  # every wording of distribution "single" starts so
-_PLACE = re.compile(r" (?:within|on|in) the ")
-_GRID_SPLIT = re.compile(r", | and ")
-
-
-def content(field: str, value: str) -> str:
-  """What `value` of `field` says that the pixels can show, wording aside (module docstring);
-  a value without the expected form is its normalised text."""
-  text = value.strip().lower()
-  if field == "count":
-    for token in normalize(text).split():
-      if token.isdigit() or token in _NUMBERS:
-        return _NUMBERS.get(token, token)
-  elif field == "location":
-    if text.startswith("several parts"):
-      return "several, most at " + text.rsplit(" the ", 1)[-1]
-    if text.startswith("the ") and text.endswith(" of the image"):
-      cells = _GRID_SPLIT.split(text[len("the "):-len(" of the image")])
-      return " | ".join(sorted(set(cells)))
-  elif field == "size":
-    numbers = re.findall(r"\d+(?:\.\d+)?", text)
-    if numbers:
-      return " ".join(numbers)
-  elif field == "terrain":
-    return normalize(_PLACE.split(text, maxsplit=1)[0])
-  elif field in ("water", "buildings"):
-    return normalize(text.split(" covering", 1)[0])
-  elif field == "distribution" and text.startswith(_SINGLE):
-    return "single"
-  return normalize(text)
 
 
 KEYS = {"field": lambda name, value: normalize(value), "content": content}

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 from klip.data import caption as caption_lib
+from klip.data import content as content_lib
 from klip.data import dataset as dataset_lib
 from klip.data import negatives
 from klip.data import pipeline
 from klip.data import schema
+from klip.data import text as text_lib
 from klip.data import tokenizer as tokenizer_lib
 from klip.data import values as values_lib
 
@@ -45,6 +47,8 @@ def test_swap_changes_exactly_one_observable_clause_never_the_skipped_one(source
     name = st.field_names[changed[0]]
     assert name in caption_lib.OBSERVABLE_FIELDS
     assert out.values[changed[0]] in pool.distinct(st.family, name)
+    assert content_lib.content(name, out.values[changed[0]]) != \
+        content_lib.content(name, st.values[changed[0]])  # not a rewording
     swapped_fields.add(name)
   assert len(swapped_fields) >= 4  # the choice is spread over the fields
 
@@ -102,16 +106,46 @@ def test_rivals_are_distinct_other_values_of_the_clauses_field(source, pool):
   rng = np.random.default_rng(0)
   st = schema.structured_text(source[0])
   for k, name in enumerate(st.field_names):
-    others = set(pool.distinct(st.family, name)) - {st.values[k]}
+    others = set(pool.alternatives(st.family, name, st.values[k]))
+    assert others <= set(pool.distinct(st.family, name)) - {st.values[k]}
     drawn = negatives.rivals(pool, st, k, 3, rng)
     assert len(drawn) == len(set(drawn)) == min(3, len(others))
     assert set(drawn) <= others
-  sizes = {k: len(pool.distinct(st.family, n)) for k, n in enumerate(st.field_names)}
+  sizes = {k: len(pool.alternatives(st.family, n, st.values[k]))
+           for k, n in enumerate(st.field_names)}
   k = min((k for k in sizes if sizes[k] > 3), key=sizes.get)  # more values than one draw
   seen = set()
   for _ in range(60):  # uniform without replacement: over draws every other value turns up
     seen.update(negatives.rivals(pool, st, k, 2, rng))
-  assert seen == set(pool.distinct(st.family, st.field_names[k])) - {st.values[k]}
+  assert seen == set(pool.alternatives(st.family, st.field_names[k], st.values[k]))
+
+
+def _counts(*values):
+  """Target captions that differ only in their count value."""
+  return [text_lib.compose("target", (v, "ships", "small", "the centre", "clustered", "sea",
+                                      "ship", "land")) for v in values]
+
+
+def test_the_pool_never_offers_a_rewording_of_the_clauses_own_value():
+  """"three ships" says what "3" says (`content`): as another value of the count it would be a
+  negative, rival, screen rival or rewrite that is not wrong."""
+  sts = _counts("3", "three ships", "3 ships", "3 ships", "4 ships", "five", "5 ships", "five")
+  pool = values_lib.ValuePool.from_texts(sts)
+  assert pool.alternatives("target", "count", "3") == ["4 ships", "5 ships", "five"]
+  assert pool.others(sts[0], 0, 8) == ["five", "4 ships", "5 ships"]  # most frequent first
+  assert pool.others(sts[0], 0, 8, exclude=("5",)) == ["4 ships"]  # excluded in content too
+  assert pool.others(sts[4], 0, 2) == ["3 ships", "five"]
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    assert {content_lib.content("count", v) for v in negatives.rivals(pool, sts[1], 0, 8, rng)
+            } == {"4", "5"}
+    swapped = negatives.swap(pool, sts[2], rng)  # count is the only field with another value
+    assert content_lib.content("count", swapped.values[0]) in {"4", "5"}
+  reworded = values_lib.ValuePool.from_texts(_counts("3", "three ships", "3 ships"))
+  assert not reworded.has_alternative("target", "count", "3")
+  assert reworded.has_alternative("target", "count", "4")  # a value the pool has not seen
+  assert negatives.swap(reworded, sts[0], rng) is None
+  assert negatives.rivals(reworded, sts[0], 0, 4, rng) == []
 
 
 def test_pipeline_carries_the_drawn_clauses_rivals(source, pool, tmp_path):

@@ -16,6 +16,7 @@ from klip import inference
 from klip import sharding
 from klip import train_state
 from klip.data import caption as caption_lib
+from klip.data import content as content_lib
 from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import values as values_lib
@@ -152,7 +153,8 @@ def test_bad_captions_are_clear_errors(source, tok):
 
 # ----- the pass on a toy problem with planted wrong clauses --------------------------------------
 def _planted(source, n, rate, seed=0):
-  """{row: (clause, wrong value)} for about `rate` of the clauses of the first n records."""
+  """{row: (clause, wrong value)} for about `rate` of the clauses of the first n records; a
+  wrong value says something else than the true one (a rewording is not wrong, `content`)."""
   rng = np.random.default_rng(seed)
   values = [schema.structured_text(source[i]) for i in range(len(source))]
   plants = {}
@@ -160,7 +162,9 @@ def _planted(source, n, rate, seed=0):
     if rng.random() < rate * 8:
       st = values[i]
       k = int(rng.integers(8))
-      others = sorted({v.values[k] for v in values if v.family == st.family} - {st.values[k]})
+      said = content_lib.content(st.field_names[k], st.values[k])
+      others = sorted({v.values[k] for v in values if v.family == st.family
+                       and content_lib.content(st.field_names[k], v.values[k]) != said})
       if others:
         plants[i] = (k, others[int(rng.integers(len(others)))])
   return values, plants
@@ -323,6 +327,19 @@ def test_value_pool_ranks_by_frequency_without_the_own_value():
   assert pool.others(sts[1], 6, 1) == ["b"]
   assert pool.others(sts[1], 6, 5, exclude=("b",)) == ["c"]
   assert pool.others(sts[0], 0, 5) == []  # every text has count "2"
+
+
+def test_a_fill_that_rewords_the_flagged_value_is_not_a_rewrite(tok):
+  """The decoder's fill is kept only if it says something else than the flagged value
+  (`content`): "three ships" for "3" would change the caption and repair nothing."""
+  st = text_lib.compose("target", ("3", "the centre of the image", "bright", "small", "ship",
+                                   "single", "sea", "open water"))
+  for fill, kept in (("three ships", False), ("3", False), ("4 ships", True)):
+    ids, clause = tok.encode_caption(table_lib.rewritten(st, {0: fill}), 64)
+    got = rescore._candidate(tok, st, ids, clause, 0)  # pylint: disable=protected-access
+    assert (got is not None) == kept, fill
+    if kept:
+      assert got.values[0] == fill and got.values[1:] == st.values[1:]
 
 
 @pytest.mark.parametrize("n_values", [0, 64])

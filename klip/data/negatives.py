@@ -25,15 +25,16 @@ from klip.data import values as values_lib
 def swap(pool: values_lib.ValuePool, st: text_lib.StructuredText, rng: np.random.Generator,
          skip: int = -1, visible: set[int] | None = None) -> text_lib.StructuredText | None:
   """`st` with one observable clause (not `skip`; among `visible` if given, e.g. the clauses
-  whose value is not cut off by max_len) given another value of its field, chosen uniformly;
-  None if no such clause has another value."""
+  whose value is not cut off by max_len) given another value of its field (other in content,
+  `ValuePool.alternatives`), chosen uniformly; None if no such clause has another value."""
   choices = [k for k, name in enumerate(st.field_names)
              if name in caption_lib.OBSERVABLE_FIELDS and k != skip
-             and (visible is None or k in visible) and len(pool.distinct(st.family, name)) > 1]
+             and (visible is None or k in visible)
+             and pool.has_alternative(st.family, name, st.values[k])]
   if not choices:
     return None
   k = choices[int(rng.integers(len(choices)))]
-  others = [v for v in pool.distinct(st.family, st.field_names[k]) if v != st.values[k]]
+  others = pool.alternatives(st.family, st.field_names[k], st.values[k])
   values = list(st.values)
   values[k] = others[int(rng.integers(len(others)))]
   return text_lib.compose(st.family, values)
@@ -41,8 +42,9 @@ def swap(pool: values_lib.ValuePool, st: text_lib.StructuredText, rng: np.random
 
 def rivals(pool: values_lib.ValuePool, st: text_lib.StructuredText, k: int, n: int,
            rng: np.random.Generator) -> list[str]:
-  """Up to n distinct other values of clause k's field, drawn uniformly without replacement."""
-  others = [v for v in pool.distinct(st.family, st.field_names[k]) if v != st.values[k]]
+  """Up to n distinct other values of clause k's field (other in content,
+  `ValuePool.alternatives`), drawn uniformly without replacement."""
+  others = pool.alternatives(st.family, st.field_names[k], st.values[k])
   if len(others) <= n:
     return others
   return [others[int(i)] for i in rng.choice(len(others), n, replace=False)]

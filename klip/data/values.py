@@ -4,7 +4,9 @@ Clause-swap negatives and clause rivals (`klip/data/negatives.py`, `loss.clause_
 `loss.clause_rivals`) give an observable field other values, drawn uniformly from the distinct
 ones; SCIO's clause screen and reconstruct stage (`klip/scio/clauses.py`, `klip/scio/rescore.py`)
 try a field's most frequent other values. All read the same counts, keyed by (caption family,
-field name). Plain data, so a pool pickles to Grain workers.
+field name). "Other" means other in content (`klip/data/content.py`): a rewording of the
+clause's own value ("three ships" for "3") is never offered, since it is not a wrong value.
+Plain data, so a pool pickles to Grain workers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 
 import numpy as np
 
+from klip.data import content as content_lib
 from klip.data import schema
 from klip.data import text as text_lib
 
@@ -82,10 +85,29 @@ class ValuePool:
     """The values of field `name` in `family` captions, sorted."""
     return self._distinct.get((family, name), ())
 
+  @functools.cached_property
+  def _content(self) -> dict[tuple[str, str], dict[str, str]]:
+    return {(family, name): {v: content_lib.content(name, v) for v in c}
+            for (family, name), c in self.counts.items()}
+
+  def has_alternative(self, family: str, name: str, value: str) -> bool:
+    """Whether field `name` of `family` has a value whose content differs from `value`'s."""
+    said = content_lib.content(name, value)
+    return any(c != said for c in self._content.get((family, name), {}).values())
+
+  def alternatives(self, family: str, name: str, value: str) -> list[str]:
+    """The values of field `name` in `family` captions whose content differs from `value`'s,
+    sorted."""
+    contents = self._content.get((family, name), {})
+    said = content_lib.content(name, value)
+    return [v for v in self.distinct(family, name) if contents[v] != said]
+
   def others(self, st: text_lib.StructuredText, k: int, n: int,
              exclude: tuple[str, ...] = ()) -> list[str]:
     """Up to n values of clause k's field in `st`'s family, most frequent first (ties by
-    value), other than its own value and `exclude`."""
-    skip = {st.values[k], *exclude}
-    ranked = self._ranked.get((st.family, st.field_names[k]), ())
-    return [v for v in ranked if v not in skip][:n]
+    value), whose content differs from its own value's and from each of `exclude`."""
+    name = st.field_names[k]
+    key = (st.family, name)
+    contents = self._content.get(key, {})
+    skip = {content_lib.content(name, v) for v in (st.values[k], *exclude)}
+    return [v for v in self._ranked.get(key, ()) if contents[v] not in skip][:n]

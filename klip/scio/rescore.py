@@ -69,6 +69,7 @@ import numpy as np
 from klip import inference as inference_lib
 from klip import predict
 from klip.data import caption as caption_lib
+from klip.data import content as content_lib
 from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import values as values_lib
@@ -282,9 +283,12 @@ def caption_texts(tokenizer, st: text_lib.StructuredText, max_len: int):
 
 
 def _candidate(tokenizer, st, ids, clause, k) -> text_lib.StructuredText | None:
-  """The rewritten structured text of a filled row, or None if the filled value is unusable."""
+  """The rewritten structured text of a filled row, or None if the filled value is unusable
+  (empty, holding a separator, or saying what the flagged value says, `content`)."""
   value = tokenizer.decode(ids[clause == k]).strip()
-  if not value or value == st.values[k] or caption_lib.SEPARATOR.strip() in value:
+  name = st.field_names[k]
+  if (not value or caption_lib.SEPARATOR.strip() in value
+      or content_lib.content(name, value) == content_lib.content(name, st.values[k])):
     return None
   return table_lib.rewritten(st, {k: value})
 
