@@ -21,6 +21,7 @@ from klip.data import schema
 from klip.data import text as text_lib
 from klip.data import values as values_lib
 from klip.scio import clauses
+from klip.scio import margins as margins_lib
 from klip.scio import rescore
 from klip.scio import table as table_lib
 
@@ -62,12 +63,12 @@ def test_leave_one_out_variants_keep_the_full_captions_token_budget(source, tok,
 def test_screen_needs_both_scores_and_takes_the_largest_rise():
   cosine = np.array([[0.5, 0.6, 0.7, 0.5], [0.5, 0.6, 0.4, 0.5], [0.5, 0.6, 0.5, 0.5]])
   match = np.array([[0.5, 0.6, 0.7, 0.5], [0.5, 0.5, 0.9, 0.5], [0.5, 0.52, 0.5, 0.5]])
-  field = np.tile(rescore.FIELD_OF["target"][:3], (3, 1))
-  margins = rescore.Margins.floors((0.05, 0.05))
-  rise = rescore.rises(cosine, match)
-  np.testing.assert_array_equal(rescore.screen(rise, field, margins), [1, -1, -1])
+  field = np.tile(margins_lib.FIELD_OF["target"][:3], (3, 1))
+  margins = margins_lib.Margins.floors((0.05, 0.05))
+  rise = margins_lib.rises(cosine, match)
+  np.testing.assert_array_equal(margins_lib.screen(rise, field, margins), [1, -1, -1])
   field[0, 1] = -1  # a clause that was not judged is never flagged
-  np.testing.assert_array_equal(rescore.screen(rise, field, margins), [0, -1, -1])
+  np.testing.assert_array_equal(margins_lib.screen(rise, field, margins), [0, -1, -1])
   np.testing.assert_allclose(rescore.pair_weight(np.array([0.0, 1.0]), 0.5), [0.5, 1.0])
   np.testing.assert_array_equal(rescore.pass_rows(3, 10, 4), [2, 3, 4, 5])
   np.testing.assert_array_equal(rescore.pass_rows(3, 10, 0), np.arange(10))
@@ -94,22 +95,22 @@ def test_calibrated_margins_flag_the_stated_rate_of_each_fields_clean_pairs():
   sd = {f: np.array([0.004, 0.01]) * 20 ** (k / 7) for k, f in enumerate(names)}  # count..env
   rho = {f: 0.5 + 0.4 * (k % 2) for k, f in enumerate(names)}
   rise = np.stack([_clean_rises(rng, n, sd[f], rho[f]) for f in names], axis=1)  # [n, 8, 2]
-  field = np.tile(rescore.FIELD_OF["target"], (n, 1))
+  field = np.tile(margins_lib.FIELD_OF["target"], (n, 1))
   planted = np.full(n, -1)
   planted[rng.random(n) < 0.05] = 0
   rows = np.flatnonzero(planted == 0)
   planted[rows] = rng.integers(8, size=len(rows))
   for r in rows:
     rise[r, planted[r]] = 6 * sd[names[planted[r]]]
-  margins = rescore.field_margins(rise, field, rate=RATE, floor=(0.0, 0.0), min_rows=16)
-  used = [rescore.FIELDS.index(f) for f in names]
+  margins = margins_lib.field_margins(rise, field, rate=RATE, floor=(0.0, 0.0), min_rows=16)
+  used = [margins_lib.FIELDS.index(f) for f in names]
   assert margins.calibrated[used].all() and not np.delete(margins.calibrated, used).any()
   clean = planted[:, None] != np.arange(8)  # [n, 8] the clauses nobody planted
-  absolute = rescore.Margins.floors((0.01, 0.02))  # one margin pair for every field
+  absolute = margins_lib.Margins.floors((0.01, 0.02))  # one margin pair for every field
   for name, m, want in (("calibrated", margins, True), ("absolute", absolute, False)):
-    ok = rescore.passing(rise, field, m)
+    ok = margins_lib.passing(rise, field, m)
     rates = [ok[clean[:, k], k].mean() for k in range(8)]
-    flag = rescore.screen(rise, field, m)
+    flag = margins_lib.screen(rise, field, m)
     recall = [np.mean(flag[planted == k] == k) for k in range(8)]
     print(f"\n{name}: false-flag rate per field {np.round(rates, 4)}, "
           f"recall {np.round(recall, 2)}")
@@ -120,19 +121,19 @@ def test_calibrated_margins_flag_the_stated_rate_of_each_fields_clean_pairs():
 def test_fields_with_too_few_rows_use_the_floors_and_the_rate_is_checked():
   rng = np.random.default_rng(1)
   rise = rng.normal(0.0, 0.1, (40, 8, 2))
-  field = np.tile(rescore.FIELD_OF["target"], (40, 1))
+  field = np.tile(margins_lib.FIELD_OF["target"], (40, 1))
   field[20:, 0] = -1  # `count` judged on 20 rows only
-  margins = rescore.field_margins(rise, field, rate=0.05, floor=(0.01, 0.02), min_rows=30)
-  count, location = rescore.FIELDS.index("count"), rescore.FIELDS.index("location")
+  margins = margins_lib.field_margins(rise, field, rate=0.05, floor=(0.01, 0.02), min_rows=30)
+  count, location = margins_lib.FIELDS.index("count"), margins_lib.FIELDS.index("location")
   np.testing.assert_array_equal(margins.value[count], [0.01, 0.02])
   assert not margins.calibrated[count] and margins.calibrated[location]
   assert np.all(margins.value[location] > 0.02)
-  assert not margins.calibrated[rescore.FIELDS.index("terrain")]  # no landform rows at all
-  again = rescore.field_margins(rise[::-1], field[::-1], rate=0.05, floor=(0.01, 0.02),
+  assert not margins.calibrated[margins_lib.FIELDS.index("terrain")]  # no landform rows at all
+  again = margins_lib.field_margins(rise[::-1], field[::-1], rate=0.05, floor=(0.01, 0.02),
                                 min_rows=30)
   np.testing.assert_array_equal(again.value, margins.value)  # the rows' order does not matter
   with pytest.raises(ValueError, match="false_flag_rate=0.0 must be between 0 and 1"):
-    rescore.field_margins(rise, field, rate=0.0, floor=(0.0, 0.0), min_rows=1)
+    margins_lib.field_margins(rise, field, rate=0.0, floor=(0.0, 0.0), min_rows=1)
 
 
 def test_bad_captions_are_clear_errors(source, tok):
@@ -277,30 +278,30 @@ def test_the_pass_calibrates_on_its_rows_and_reports_the_margins(source, tok, da
   images, fields = [], []
   for i in range(64):
     images.append(prep.random_map((i, source[i]), None)["image"])
-    fields.append(rescore.FIELD_OF[schema.structured_text(source[i]).family])
-  spread = np.geomspace(0.002, 0.2, len(rescore.FIELDS))  # field f: 100 ** (f / 14) times 0.002
+    fields.append(margins_lib.FIELD_OF[schema.structured_text(source[i]).family])
+  spread = np.geomspace(0.002, 0.2, len(margins_lib.FIELDS))  # field f: 100 ** (f / 14) times 0.002
   scorer = SpreadScorer({im.tobytes(): f for im, f in zip(images, fields)}, spread)
   cfg = ml_collections.ConfigDict(dict(SCIO, slice_size=64, margin_cosine=0.01,
                                        margin_match=0.02, calibration_min_rows=min_rows))
   table = support.initial_table(source, data_dir)
   _, result = rescore.run_pass(table, source, prep, tok, scorer.score, None,
                                stage=rescore.Stage.PROOFREAD, cfg=cfg, max_len=1000)
-  rise = rescore.rises(*scorer.score(np.stack(images), np.zeros((64, 9, 1), np.int32)))
+  rise = margins_lib.rises(*scorer.score(np.stack(images), np.zeros((64, 9, 1), np.int32)))
   field = np.stack(fields)
-  want = rescore.field_margins(rise, field, rate=cfg.false_flag_rate, floor=(0.01, 0.02),
+  want = margins_lib.field_margins(rise, field, rate=cfg.false_flag_rate, floor=(0.01, 0.02),
                                min_rows=min_rows)
   np.testing.assert_array_equal(result.rows, np.arange(64))
   np.testing.assert_array_equal(result.margins.value, want.value)
-  np.testing.assert_array_equal(result.flagged, rescore.screen(rise, field, want))
+  np.testing.assert_array_equal(result.flagged, margins_lib.screen(rise, field, want))
   metrics = result.metrics()
-  count = rescore.FIELDS.index("count")
+  count = margins_lib.FIELDS.index("count")
   assert metrics["scio/margin_cosine/count"] == result.margins.value[count, 0]
   assert metrics["scio/margin_match/water"] == result.margins.value[-1, 1]
   calibrated = metrics["scio/calibrated_fields"]
   if min_rows == 1000:  # every field on the floors: the absolute screen
     assert calibrated == 0 and np.all(result.margins.value == [0.01, 0.02])
   else:  # both families have enough rows; the wide fields' margins grow with their spread
-    assert calibrated == len(rescore.FIELDS)
+    assert calibrated == len(margins_lib.FIELDS)
     assert result.margins.value[-1, 1] > 0.1 > 0.02 == result.margins.value[count, 1]
 
 
@@ -381,7 +382,7 @@ def test_clause_rises_map_the_judged_slots_to_their_clauses_and_fields():
     judged = field[r] >= 0
     assert [caption_lib.FAMILIES[family][k] for k in np.flatnonzero(judged)] == [
         f for f in caption_lib.FAMILIES[family] if f in caption_lib.OBSERVABLE_FIELDS]
-    assert [rescore.FIELDS[f] for f in field[r][judged]] == [
+    assert [margins_lib.FIELDS[f] for f in field[r][judged]] == [
         caption_lib.FAMILIES[family][k] for k in np.flatnonzero(judged)]
   # a process whose share of a chunk is empty
   empty = clauses.rises(np.zeros((0, cos[0].size)), np.zeros((0, cos[0].size)), [])

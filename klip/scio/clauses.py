@@ -8,7 +8,7 @@ trains it (`loss.clause_contrast_weight`, `loss.clause_max_len` tokens), against
 clause with each of its field's `scio.screen_candidates` most frequent other values
 (`values.ValuePool`): clause k's rise is the best rival's score minus its own, for the cosine
 and the match probability of the same rival (the rival with the higher cosine), so
-`rescore.field_margins` and `rescore.screen` calibrate and flag these rises as they do the
+`margins.field_margins` and `margins.screen` calibrate and flag these rises as they do the
 leave-one-out ones. A flagged clause is dropped (proofread) and, in the reconstruct stage,
 rewritten to that rival. Only the fields the pixels can show (`caption.OBSERVABLE_FIELDS`) are
 judged: a place name's rivals score what the image cannot tell. The clause contrast trains the
@@ -28,7 +28,7 @@ from klip.data import values as values_lib
 
 SCREENS = ("leave_one_out", "clause")
 # Every field of every family in caption order, a field two families share once: the screens'
-# margins are per field (`rescore.FIELDS` is this).
+# margins are per field (`margins.FIELDS` is this).
 FIELDS = tuple(dict.fromkeys(f for names in caption_lib.FAMILIES.values() for f in names))
 FIELD_INDEX = {f: i for i, f in enumerate(FIELDS)}
 # The observable clauses of each family, in caption order: the clause screen's slots.
@@ -84,7 +84,7 @@ def rises(cosine: np.ndarray, match: np.ndarray, families: list[str]
   """From the scores [n, SLOTS * (1 + C)] of `options`' texts: (rises [n, K, 2] of the best
   rival over the own clause, best rival [n, K] (1..C, its column in the slot), field of each
   clause [n, K] (-1: not judged)), K = caption.CLAUSES, indexed by clause as
-  `rescore.rises` is."""
+  `margins.rises` is."""
   n, width = len(families), cosine.shape[1] // SLOTS  # n may be 0: a process without rows
   cos = cosine.reshape(n, SLOTS, width)
   mat = match.reshape(n, SLOTS, width)
