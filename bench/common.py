@@ -112,7 +112,6 @@ def synthetic_batch(config, seed: int = 0, batch: int | None = None) -> dict:
            "valid": np.ones(b, np.int32), "index": np.arange(b, dtype=np.int32)}
   if config.loss.clause_contrast_weight:  # one clause alone: its first clause_max_len tokens
     batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
-    batch["clause_key"] = np.arange(1, b + 1, dtype=np.int32)  # every clause says its own
     if config.loss.clause_rivals:  # ... and that clause with other values
       rivals = np.repeat(batch["clause_tokens"][:, None], config.loss.clause_rivals, axis=1)
       rivals[..., -3:] = rng.integers(6, m.text.vocab_size, rivals[..., -3:].shape)

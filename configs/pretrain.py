@@ -86,10 +86,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # (klip/data/negatives.py), for SCIO's screening; it costs one more text pass.
   # clause_contrast_weight: contrast of each image with one of its observable clauses alone
   # ("the targets are classified as ...", the form of a zero-shot prompt; images whose drawn
-  # clause says the same, klip/data/content.py, are positives too), clause_max_len tokens
-  # long; clause_rivals: that clause also ranked above itself with up to this many other
-  # values of its field, drawn from the training captions (klip/data/negatives.py; 0: off),
-  # under the same weight.
+  # clause reads the same are positives too), clause_max_len tokens long; clause_rivals: that
+  # clause also ranked above itself with up to this many other values of its field, drawn
+  # from the training captions (klip/data/negatives.py; 0: off), under the same weight.
   # reconstruct_mask_p / reconstruct_random_p: the shares of the decoder's input value tokens
   # replaced by [MASK] / a random piece. The method's 0.5 / 0.1 trains the decoder on inputs
   # that generation, which feeds back its own clean tokens, never shows it; 0 / 0 (teacher

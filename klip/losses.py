@@ -56,20 +56,17 @@ def contrastive(zimg, ztxt, scale, weights, soft_targets=None):
                 "contrast/temperature": 1.0 / scale}
 
 
-def clause_contrastive(zimg, zclause, scale, weights, clause_tokens, clause_key):
+def clause_contrastive(zimg, zclause, scale, weights, clause_tokens):
   """Softmax InfoNCE of each image against one clause of its caption alone (e.g. "the targets
   are classified as ship"), beside the whole-caption contrast.
 
-  Clauses repeat across a batch in what they say (many images have "the number of targets is
-  1", or "... is one ship"): every image whose drawn clause says the same (`clause_key`,
-  `content.key`) or reads the same (its tokens, as clause_len cut them) is a positive, with the
-  target mass shared equally among them, rather than a negative the model is pushed away from
-  for wording the pixels cannot show.
-  zclause: [B, E] unit clause embeddings; clause_tokens: [B, L] their tokens; clause_key: [B].
+  Short clauses repeat across a batch (many images have "the number of targets is 1"): every
+  image whose drawn clause is the same text is a positive, with the target mass shared equally
+  among them, rather than a negative the model is pushed away from.
+  zclause: [B, E] unit clause embeddings; clause_tokens: [B, L] their tokens.
   """
   fp = text_fingerprint(clause_tokens)
-  same = ((fp[:, None] == fp[None, :]) | (clause_key[:, None] == clause_key[None, :]))
-  same = (same & _pair_mask(weights)).astype(jnp.float32)
+  same = ((fp[:, None] == fp[None, :]) & _pair_mask(weights)).astype(jnp.float32)
   targets = same / jnp.maximum(jnp.sum(same, axis=1, keepdims=True), 1.0)
   loss, m = contrastive(zimg, zclause, scale, weights, soft_targets=(targets, targets))
   return loss, {"clause_contrast/loss": loss,

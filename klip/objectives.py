@@ -89,7 +89,7 @@ def total(model, batch, rng, config, momentum=None):
   if cfg.clause_contrast_weight:  # each image against one of its clauses alone
     zclause = predict.embed_texts(model, batch["clause_tokens"])
     clause_loss, m = losses.clause_contrastive(zimg, zclause, scale, weights,
-                                               batch["clause_tokens"], batch["clause_key"])
+                                               batch["clause_tokens"])
     metrics.update(m)
     total_loss += cfg.clause_contrast_weight * clause_loss
     if clause_rival_count(config):  # ... and that clause above itself with other values

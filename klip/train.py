@@ -238,8 +238,7 @@ def train(config, workdir: str) -> dict:
                 for k, nd in (("image", 4), ("tokens", 2), ("clause", 2), ("weight", 1),
                               ("valid", 1), ("index", 1))
                 + ((("swap_tokens", 2), ("has_swap", 1)) if swap else ())
-                + ((("clause_tokens", 2), ("clause_key", 1))
-                   if objectives.clause_tokens_len(config) else ())
+                + ((("clause_tokens", 2),) if objectives.clause_tokens_len(config) else ())
                 + ((("rival_tokens", 3), ("has_rival", 2)) if rivals else ())}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_train_step(config, graphdef),

@@ -214,7 +214,6 @@ def _batch(config, n=6, seed=0):
               np.float32),
           "tokens": tokens, "clause": np.full_like(tokens, -1),
           "clause_tokens": tokens[:, :8].copy(),  # one clause alone (clause contrast)
-          "clause_key": np.arange(1, n + 1, dtype=np.int32),  # each saying its own
           "weight": np.ones((n,), np.float32)}
 
 
@@ -334,30 +333,26 @@ def test_momentum_queue_loss_with_an_invalid_example_equals_the_loss_without_it(
   np.testing.assert_allclose(full, loss({k: v[keep] for k, v in batch.items()}), rtol=1e-5)
 
 
-@pytest.mark.parametrize("same", ["text", "content"])
-def test_clause_contrast_treats_images_whose_clauses_say_the_same_as_positives(pair, same):
-  """Two images whose drawn clauses read the same (as clause_len cut them), or say the same
-  in other words (equal `clause_key`), share the target: exchanging their clause embeddings
-  changes nothing, whereas one-hot InfoNCE would push them apart."""
+def test_clause_contrast_treats_images_with_the_same_clause_as_positives(pair):
+  """Two images whose drawn clause is the same text share the target: exchanging their clause
+  embeddings changes nothing, whereas one-hot InfoNCE would push them apart."""
   zimg, zclause = (jnp.asarray(z) for z in pair)
   b = zimg.shape[0]
-  distinct = jnp.arange(b)[:, None] + jnp.zeros((b, 4), jnp.int32)
-  keys = jnp.arange(1, b + 1)
-  tokens = distinct.at[1].set(distinct[0]) if same == "text" else distinct
-  keys = keys.at[1].set(keys[0]) if same == "content" else keys  # rows 0 and 1 say the same
+  tokens = jnp.arange(b)[:, None] + jnp.zeros((b, 4), jnp.int32)
+  tokens = tokens.at[1].set(tokens[0])  # rows 0 and 1: the same clause text
   weights = jnp.ones(b)
   swapped = zclause.at[0].set(zclause[1]).at[1].set(zclause[0])
-  loss, _ = losses.clause_contrastive(zimg, zclause, 10.0, weights, tokens, keys)
-  loss_swapped, _ = losses.clause_contrastive(zimg, swapped, 10.0, weights, tokens, keys)
+  loss, _ = losses.clause_contrastive(zimg, zclause, 10.0, weights, tokens)
+  loss_swapped, _ = losses.clause_contrastive(zimg, swapped, 10.0, weights, tokens)
   np.testing.assert_allclose(loss, loss_swapped, rtol=1e-6)
   plain, _ = losses.contrastive(zimg, zclause, 10.0, weights)
   plain_swapped, _ = losses.contrastive(zimg, swapped, 10.0, weights)
   assert abs(float(plain) - float(plain_swapped)) > 1e-3
-  np.testing.assert_allclose(
-      losses.clause_contrastive(zimg, zclause, 10.0, weights, distinct, jnp.arange(1, b + 1))[0],
-      plain, rtol=1e-6)
+  distinct = jnp.arange(b)[:, None] + jnp.zeros((b, 4), jnp.int32)
+  np.testing.assert_allclose(losses.clause_contrastive(zimg, zclause, 10.0, weights, distinct)[0],
+                             plain, rtol=1e-6)
   invalid = weights.at[2].set(0.0)
-  assert float(losses.clause_contrastive(zimg, zclause, 10.0, invalid, tokens, keys)[0]) < 100
+  assert float(losses.clause_contrastive(zimg, zclause, 10.0, invalid, tokens)[0]) < 100
 
 
 def test_clause_rivals_match_numpy_leaving_out_padding_and_rowless_examples():

@@ -43,7 +43,6 @@ def _random_batch(config, n=8, seed=0):
     batch.update(swap_tokens=swap, has_swap=(np.arange(n) % 4 != 0).astype(np.int32))
   if config.loss.clause_contrast_weight:  # one clause alone (its first tokens)
     batch["clause_tokens"] = tokens[:, :config.loss.clause_max_len].copy()
-    batch["clause_key"] = (np.arange(n) % 5 + 1).astype(np.int32)  # some say the same
     if config.loss.clause_rivals:  # ... and that clause with two tokens replaced, some padded
       rivals = np.repeat(batch["clause_tokens"][:, None], config.loss.clause_rivals, axis=1)
       rivals[..., 36:38] = rng.integers(6, m.text.vocab_size, rivals[..., 36:38].shape)

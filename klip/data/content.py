@@ -10,9 +10,7 @@ angle). Two values with the same `content` say the same thing of the image, so:
   a SCIO screen rival or a reconstruct option that only rewords the clause is not wrong, and
   asking the model to score it below the clause asks it to read wording off the pixels;
 - bench/scio.py plants only values whose content differs, and counts a rewrite right when it
-  restores the true value's content;
-- the clause contrast counts two images whose drawn clauses say the same thing as positives
-  of each other (`key`), not only two whose clauses read the same.
+  restores the true value's content.
 
 The content of count is the number; of location the set of grid cells; of size the numbers it
 states; of terrain the cover class before "within/on/in the <landform> of <place>"; of water and
@@ -23,7 +21,6 @@ single-target form; of every other field the normalised value.
 from __future__ import annotations
 
 import re
-import zlib
 
 from klip.hcot import rules
 
@@ -63,10 +60,3 @@ def content(field: str, value: str) -> str:
   elif field == "distribution" and text.startswith(_SINGLE):
     return "single"
   return normalize(text)
-
-
-def key(field: str, value: str) -> int:
-  """A positive int32 naming (field, `content`): equal for two clauses that say the same thing
-  of the image (the clause contrast's positives, `losses.clause_contrastive`); 0 is left for
-  examples without a clause."""
-  return zlib.crc32(f"{field}\x00{content(field, value)}".encode()) % (2**31 - 1) + 1

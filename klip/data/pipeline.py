@@ -20,7 +20,6 @@ import numpy as np
 from PIL import Image
 
 from klip.data import caption as caption_lib
-from klip.data import content as content_lib
 from klip.data import negatives as negatives_lib
 from klip.data import values as values_lib
 from klip.data import schema
@@ -80,8 +79,7 @@ class Preprocess(grain.transforms.RandomMap):
   flip_p: float = 0.0
   # Clause-level contrast (`loss.clause_contrast_weight`): each example also carries
   # `clause_tokens` [clause_len], one of its observable clauses (template prefix + value, the
-  # form of a zero-shot prompt) drawn at random, and `clause_key`, what that clause says
-  # (`content.key`; 0 for an unreadable record); 0: none.
+  # form of a zero-shot prompt) drawn at random; 0: none.
   clause_len: int = 0
   # Per-example overrides (the view of SCIO's pair table): rewritten values, a
   # dropped clause (left out of the tokens) and the pair's weight; a record whose id the
@@ -141,7 +139,6 @@ class Preprocess(grain.transforms.RandomMap):
       prefix = caption_lib.PREFIXES[st.field_names[k]]
       out["clause_tokens"] = self._tokenizer().encode_text(prefix + st.values[k],
                                                            self.clause_len)
-      out["clause_key"] = np.int32(content_lib.key(st.field_names[k], st.values[k]))
       if self.rivals:
         out.update(self._rivals(st, k, out["clause_tokens"], rng))
     if self.swap:
@@ -213,7 +210,6 @@ class Preprocess(grain.transforms.RandomMap):
            "weight": np.float32(0.0), "valid": np.int32(0), "index": np.int32(index)}
     if self.clause_len:
       out["clause_tokens"] = np.zeros((self.clause_len,), np.int32)
-      out["clause_key"] = np.int32(0)
     if self.rivals:
       out.update(rival_tokens=np.zeros((self.rivals, self.clause_len), np.int32),
                  has_rival=np.zeros((self.rivals,), np.int32))
