@@ -2,17 +2,17 @@ r"""Measured SCIO quality on the synthetic corpus, whose captions' true values a
 
 Plants wrong values in a fraction of the clauses of pixel-observable fields (each such clause
 independently, swapping in a value of the same field from another record of the same family
-that says something else, `klip/data/content.py`) through the initial pair table, pretrains twice on the planted captions (with SCIO, and
-without: no pass ever runs), and prints per field and overall, on the pairs SCIO rescored:
-screening precision / recall / F1 against the planted errors (a clause counts as flagged if
-the final table drops it or SCIO rewrote it), reconstruction accuracy of SCIO's rewrites
-(right when the rewrite says what the true value says, `content`), SCIO's cost per rescored pair and share of wall time, and
-retrieval recall on the test split with and without SCIO, and how often the final SCIO model
-scores a caption above the same caption with one planted value on its own image (per field; the
-ceiling any screening rule on those scores works under; bench/scio_quality.py). The run
-without SCIO starts from the SCIO run's checkpoint at the last warm-up step
-(`--fork_baseline`, on by default): the two runs are the same computation up to there, so only
-what follows differs.
+that says something else, `klip/data/content.py`) through the initial pair table, pretrains
+twice on the planted captions (with SCIO, and without: no pass ever runs), and prints per field
+and overall, on the pairs SCIO rescored: screening precision / recall / F1 against the planted
+errors (a clause counts as flagged if the final table drops it or SCIO rewrote it),
+reconstruction accuracy of SCIO's rewrites (right when the rewrite says what the true value
+says, `content`), SCIO's cost per rescored pair and share of wall time, and retrieval recall on
+the test split with and without SCIO, and how often the final SCIO model scores a caption above
+the same caption with one planted value on its own image (per field; the ceiling any screening
+rule on those scores works under; bench/scio_quality.py). The run without SCIO starts from the
+SCIO run's checkpoint at the last warm-up step (`--fork_baseline`, on by default): the two runs
+are the same computation up to there, so only what follows differs.
 
   # tiny, shortened: two 150-step runs, about 12 minutes on 2 cores (seen on a loaded machine;
   # corpus: configs/pretrain.py's docstring)
@@ -22,6 +22,8 @@ what follows differs.
   python -m bench.scio --steps=400 --out_dir=workdirs/bench_scio_small
   # screening with and without clause-swap negatives in the matching loss, SCIO runs only
   python -m bench.scio --variant=tiny --clause_negatives=true --nobaseline --out_dir=...
+  # the clause screen flagging more of each field's clean clauses (default 2 %)
+  python -m bench.scio --variant=tiny --screen=clause --false_flag_rate=0.1 --nobaseline ...
   # reconstruction with the field's 8 most frequent other values ranked beside the decoder's fill
   python -m bench.scio --variant=tiny --steps=400 --fill_candidates=8 --nobaseline --out_dir=...
 """
@@ -68,6 +70,9 @@ _SWAP = flags.DEFINE_enum("clause_negatives", "default", ["default", "true", "fa
                           "loss.clause_negatives of both runs (default: the variant's).")
 _SCREEN = flags.DEFINE_enum("screen", "default", ["default", "leave_one_out", "clause"],
                             "scio.screen of the SCIO run (default: the variant's).")
+_FALSE_FLAGS = flags.DEFINE_float(
+    "false_flag_rate", -1.0, "scio.false_flag_rate: the share of a field's clean clauses the "
+    "calibrated margins flag (-1: the variant's).")
 
 
 def _fork_from(src: str, dst: str, step: int) -> None:
@@ -88,7 +93,7 @@ def _fork_from(src: str, dst: str, step: int) -> None:
 def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed: int,
         every_steps: int, slice_size: int, clause_negatives: str = "default",
         baseline: bool = True, fork_baseline: bool = True, fill_candidates: int = -1,
-        screen: str = "default") -> str:
+        screen: str = "default", false_flag_rate: float = -1.0) -> str:
   base = pretrain.get_config(variant)
   texts, ids = quality.captions(data_dir, base.data.dataset, base.data.split)
   initial, planted = quality.plant(texts, ids, f"{base.data.dataset}:{base.data.split}", rate,
@@ -115,6 +120,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
       config.scio.fill_candidates = fill_candidates
     if screen != "default":
       config.scio.screen = screen
+    if false_flag_rate >= 0:
+      config.scio.false_flag_rate = false_flag_rate
     fork = math.ceil(config.scio.warmup_fraction * config.total_steps) - 1  # last warm-up step
     fork = fork if fork_baseline and baseline and fork > 0 else 0
     if fork and scio_on:  # keep a checkpoint at the fork for the run without SCIO
@@ -141,7 +148,8 @@ def run(variant: str, steps: int, rate: float, data_dir: str, workdir: str, seed
   lines = [f"SCIO benchmark: variant={variant}, steps={config.total_steps}, planted rate "
            f"{rate:.0%} of pixel-observable clauses ({len(planted)} clauses in "
            f"{len({i for i, _ in planted})} of {len(texts)} pairs); clause negatives "
-           f"{'on' if config.loss.clause_negatives else 'off'}; screen {config.scio.screen}"
+           f"{'on' if config.loss.clause_negatives else 'off'}; screen {config.scio.screen}, "
+           f"false-flag rate {config.scio.false_flag_rate:g}"
            + (f" ({config.scio.screen_candidates} rivals a clause)"
               if config.scio.screen == "clause" else
               f"; reconstruction candidates {config.scio.fill_candidates}"),
@@ -198,7 +206,7 @@ def main(argv):
                     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
   report = run(_VARIANT.value, _STEPS.value, _RATE.value, _DATA_DIR.value, _OUT_DIR.value,
                _SEED.value, _EVERY.value, _SLICE.value, _SWAP.value, _BASELINE.value,
-               _FORK.value, _CANDIDATES.value, _SCREEN.value)
+               _FORK.value, _CANDIDATES.value, _SCREEN.value, _FALSE_FLAGS.value)
   with open(os.path.join(_OUT_DIR.value, "report.txt"), "w") as f:
     f.write(report + "\n")
   print(report, flush=True)

@@ -132,7 +132,8 @@ class PassResult:
     n = max(len(self.rows), 1)
     change = self.score_change.mean(axis=0) if len(self.rows) else np.zeros(2)
     margins = {f"scio/margin_{score}/{field}": float(self.margins.value[f, j])
-               for j, score in enumerate(("cosine", "match")) for f, field in enumerate(margins_lib.FIELDS)}
+               for j, score in enumerate(("cosine", "match"))
+               for f, field in enumerate(margins_lib.FIELDS)}
     return {"scio/rescored": float(len(self.rows)), "scio/stage": float(self.stage),
             "scio/flag_rate": float(np.sum(self.flagged >= 0) / n),
             "scio/rewrite_rate": float(np.sum(self.rewritten) / n),
@@ -263,8 +264,8 @@ def _padded(rows: list, size: int, shape: tuple, dtype) -> np.ndarray:
 
 
 def _fields(sts: list, full: list) -> np.ndarray:
-  """[n, K] the field of each clause of each row (`margins.FIELD_OF`), -1 where the clause was cut off
-  by the token budget (its variant is the full caption: it cannot be judged)."""
+  """[n, K] the field of each clause of each row (`margins.FIELD_OF`), -1 where the clause was
+  cut off by the token budget (its variant is the full caption: it cannot be judged)."""
   out = np.full((len(sts), caption_lib.CLAUSES), -1, np.int32)
   for r, (st, (_, clause)) in enumerate(zip(sts, full)):
     judged = np.isin(np.arange(caption_lib.CLAUSES), clause)
